@@ -1,0 +1,189 @@
+"""One config tree: dataclass defaults <- a YAML file of changes <- `--set a.b=value` overrides.
+
+Unknown keys and values of the wrong type fail at load time with the field's dotted name, before any
+model or data is touched. Dataset specs are dicts of `datasets.load_dataset` keyword arguments plus three
+keys of ours (see `mrl.data.load_table`).
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from .losses import LOSSES
+from .matryoshka import check_dims
+
+STSB = "sentence-transformers/stsb"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "sentence-transformers/all-MiniLM-L6-v2"  # hub id or local folder (HF or sentence-transformers)
+    max_seq_length: int | None = None  # None: the model's own (sentence_bert_config.json), else the tokenizer's
+    normalize: bool | None = None  # L2-normalise the output; None: as the saved model says (True for plain HF)
+    dense_dim: int | None = None  # add a new Dense projection head to this width (the reduced-dim recipe)
+    dense_activation: str = "tanh"
+
+
+@dataclass
+class DataConfig:
+    train: dict = field(default_factory=lambda: {"path": STSB, "split": "train"})
+    no_duplicates: bool | None = None  # a text appears at most once per batch; None: on for contrastive losses
+    num_workers: int = 0  # DataLoader workers (tokenisation happens in the collate function)
+
+
+@dataclass
+class LossConfig:
+    name: str = "cosent"  # one of mrl.losses.LOSSES: cosent | contrastive
+    scale: float = 20.0  # inverse temperature on cosines
+    symmetric: bool = False  # contrastive only: also score positives -> anchors
+    matryoshka: bool = True  # False: the base loss at full width only (the baseline)
+    dims: list[int] = field(default_factory=lambda: [384, 256, 128, 64, 32, 16, 8])
+    dim_weights: list[float] | None = None  # one weight per dim; None: all 1
+    n_dims_per_step: int | None = None  # train a random subset of this many dims each step; None: all
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # per process, per forward
+    epochs: int = 1
+    max_steps: int | None = None  # optimiser steps; stops before the epochs run out if set
+    lr: float = 2e-5
+    warmup_ratio: float = 0.1  # linear warm-up over this fraction of the steps, then linear decay to 0
+    weight_decay: float = 0.01  # AdamW, not applied to biases and LayerNorm weights
+    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables
+    grad_accum: int = 1  # gradient accumulation steps per optimiser step
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    seed: int = 0
+    drop_last: bool = False  # drop a last, smaller batch of each epoch
+    save_every: int = 0  # checkpoint every N optimiser steps (0: only at the end)
+
+
+@dataclass
+class EvalConfig:
+    dev: dict | None = field(default_factory=lambda: {"path": STSB, "split": "validation"})
+    test: dict | None = field(default_factory=lambda: {"path": STSB, "split": "test"})
+    dims: list[int] | None = None  # None: loss.dims
+    every: int = 0  # evaluate on dev every N optimiser steps (0: at the start and end only)
+    batch_size: int = 128
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # log losses every N optimiser steps
+    with_: list[str] = field(default_factory=list)  # YAML key `with`: Accelerate trackers, e.g. [tensorboard]
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    output_dir: str = "runs/default"
+    mirror: str | None = "configs/mirror.yaml"  # local copies of hub ids (see mrl.sources); None: hub only
+
+    def to_dict(self) -> dict:
+        return _to_dict(self)
+
+
+def _key(f: dataclasses.Field) -> str:
+    return f.name.rstrip("_")  # `with_` is written `with`
+
+
+def _to_dict(obj) -> dict:
+    return {_key(f): _to_dict(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v
+            for f in dataclasses.fields(obj)}
+
+
+def _coerce(value, annotation, name: str):
+    """Return `value` as `annotation` (int -> float, '3e-5' -> float) or raise naming the field."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), name)
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if annotation is float and not isinstance(value, bool):
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if annotation is dict and isinstance(value, dict):
+        return value
+    if annotation in (int, str, bool, float) and isinstance(value, annotation) and not (
+            annotation is int and isinstance(value, bool)):
+        return value
+    raise TypeError(f"{name}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def _merge(obj, changes: dict, prefix: str = "") -> None:
+    fields = {_key(f): f for f in dataclasses.fields(obj)}
+    for key, value in changes.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ValueError(f"{name}: unknown config key; expected one of {sorted(fields)}")
+        current = getattr(obj, fields[key].name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise TypeError(f"{name}: expected a mapping of {sorted(_key(f) for f in dataclasses.fields(current))}")
+            _merge(current, value, f"{name}.")
+        else:
+            setattr(obj, fields[key].name, _coerce(value, fields[key].type, name))
+
+
+def parse_override(text: str) -> dict:
+    """'train.lr=3e-5' -> {'train': {'lr': '3e-5'}}; the value is read as YAML ('[64, 8]' is a list)."""
+    if "=" not in text:
+        raise ValueError(f"--set {text!r}: expected KEY=VALUE, e.g. train.lr=3e-5")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw)
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file at `path`, then each `KEY=VALUE` override; validated."""
+    cfg = Config()
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            _merge(cfg, yaml.safe_load(f) or {})
+    for override in overrides:
+        _merge(cfg, parse_override(override))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no model or data; the dims-vs-model-width check happens once the model is loaded."""
+    loss, train = cfg.loss, cfg.train
+    if loss.name not in LOSSES:
+        raise ValueError(f"loss.name: expected one of {sorted(LOSSES)}, got {loss.name!r}")
+    check_dims(loss.dims, loss.dim_weights, loss.n_dims_per_step, field="loss.dims")
+    if cfg.eval.dims is not None:
+        check_dims(cfg.eval.dims, field="eval.dims")
+    for name in ("batch_size", "epochs", "grad_accum"):
+        if getattr(train, name) < 1:
+            raise ValueError(f"train.{name}: must be >= 1, got {getattr(train, name)}")
+    if train.max_steps is not None and train.max_steps < 1:
+        raise ValueError(f"train.max_steps: must be >= 1 or null, got {train.max_steps}")
+    if not 0 <= train.warmup_ratio < 1:
+        raise ValueError(f"train.warmup_ratio: must be in [0, 1), got {train.warmup_ratio}")
+    if train.lr <= 0:
+        raise ValueError(f"train.lr: must be > 0, got {train.lr}")
+    if train.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"train.mixed_precision: expected no | bf16 | fp16, got {train.mixed_precision!r}")
+    for name, spec in (("data.train", cfg.data.train), ("eval.dev", cfg.eval.dev), ("eval.test", cfg.eval.test)):
+        if spec is not None and "path" not in spec:
+            raise ValueError(f"{name}: a dataset spec needs `path` (a hub id, or csv/json/parquet with data_files)")

@@ -1,0 +1,133 @@
+"""Training and evaluation tables through `datasets`, batches without duplicate texts, dynamic padding.
+
+A dataset spec is the keyword arguments of `datasets.load_dataset` (path, name, data_files, split, ...)
+plus three keys of ours:
+    columns:   the text columns, in order; default: every string column except the label, in table order
+    label:     the label column; default: `score` or `label` if the table has one
+    score_max: divide labels by this (e.g. 5 for STS-B scored in [0, 5]); default: labels as they are
+Column convention (as in the ecosystem): first text column the anchor, second its positive, any further
+columns hard negatives; or two sentences and a score for CoSENT.
+"""
+
+import os
+import random
+
+import datasets
+import torch
+from torch import Tensor
+
+from .sources import check_local_files, resolve_dataset, unreachable
+
+OUR_KEYS = ("columns", "label", "score_max")
+LABEL = "label"  # the label column is renamed to this; every other column of a loaded table is text
+
+
+def load_table(spec: dict, field: str, needs_label: bool = False, mirror: dict | None = None) -> datasets.Dataset:
+    """Load a spec into a Dataset whose columns are the text columns, in order, then `label` if it is needed.
+
+    A hub id with a local copy in `mirror` (see mrl.sources) is read from that copy. `field` is the config
+    name of the spec, used in every error.
+    """
+    if "split" not in spec:
+        raise ValueError(f"{field}.split: which split to use (e.g. train, validation, test)")
+    check_local_files(spec, field)
+    spec = resolve_dataset(spec, mirror or {})
+    load_kwargs = {k: v for k, v in spec.items() if k not in OUR_KEYS}
+    try:
+        table = datasets.load_dataset(**load_kwargs)
+    except Exception as error:
+        if "/" in spec["path"] and not os.path.exists(spec["path"]):  # a hub id that could not be fetched
+            raise unreachable("dataset", spec["path"], mirror or {}, error) from error
+        raise
+    if len(table) == 0:
+        raise ValueError(f"{field}: the dataset {spec.get('path')!r} split {spec['split']!r} has no rows")
+
+    label = spec.get("label") or next((c for c in ("score", "label") if c in table.column_names), None)
+    if label is not None and label not in table.column_names:
+        raise ValueError(f"{field}.label: no column {label!r}; the table has {table.column_names}")
+    if needs_label and label is None:
+        raise ValueError(f"{field}.label: this loss needs a score column, and the table has none of "
+                         f"score/label among {table.column_names}")
+    columns = spec.get("columns") or [c for c, t in table.features.items()
+                                      if c != label and getattr(t, "dtype", None) in ("string", "large_string")]
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{field}.columns: no column {missing} in the table; it has {table.column_names}")
+    if len(columns) < 2:
+        raise ValueError(f"{field}.columns: need at least two text columns, found {columns} in {table.column_names}")
+    for c in columns:
+        empty = next((i for i, t in enumerate(table[c]) if not isinstance(t, str) or not t.strip()), None)
+        if empty is not None:
+            raise ValueError(f"{field}: column {c!r} row {empty} is empty or not text: {table[empty][c]!r}")
+
+    table = table.select_columns(columns + ([label] if needs_label else []))
+    if needs_label:
+        scale = float(spec.get("score_max") or 1.0)
+        table = table.map(lambda row: {LABEL: float(row[label]) / scale}, remove_columns=[label])
+    return table
+
+
+def text_columns(table: datasets.Dataset) -> list[str]:
+    return [c for c in table.column_names if c != LABEL]
+
+
+class BatchSampler:
+    """Shuffled batches of row indices, reshuffled every epoch from (seed, epoch) so a resumed run sees the same
+    batches. With no_duplicates, a text never appears twice in one batch: a repeated text would be an in-batch
+    negative of itself (a false negative). Rows that would repeat a text wait for a later batch, in order.
+    """
+
+    def __init__(self, rows: list[tuple[str, ...]], batch_size: int, no_duplicates: bool = False,
+                 drop_last: bool = False, seed: int = 0):
+        self.rows, self.batch_size, self.no_duplicates = rows, batch_size, no_duplicates
+        self.drop_last, self.seed, self.epoch = drop_last, seed, 0
+        self._len_cache = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = list(range(len(self.rows)))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        if not self.no_duplicates:
+            batches = (order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size))
+        else:
+            batches = self._unique_text_batches(order)
+        for batch in batches:
+            if len(batch) < self.batch_size and self.drop_last:
+                return
+            yield batch
+
+    def _unique_text_batches(self, order: list[int]):
+        remaining = dict.fromkeys(order)  # an ordered set
+        while remaining:
+            batch, seen = [], set()
+            for i in remaining:
+                if seen.isdisjoint(self.rows[i]):
+                    batch.append(i)
+                    seen.update(self.rows[i])
+                    if len(batch) == self.batch_size:
+                        break
+            for i in batch:
+                del remaining[i]
+            yield batch
+
+    def __len__(self) -> int:
+        if self.epoch not in self._len_cache:  # exact, since duplicates can make extra batches
+            self._len_cache[self.epoch] = sum(1 for _ in self)
+        return self._len_cache[self.epoch]
+
+
+class Collator:
+    """Rows -> one tokenised batch of every text column, column after column (one encoder forward for all),
+    padded to this batch's longest text; plus the labels, if the table has them."""
+
+    def __init__(self, tokenize, columns: list[str]):
+        self.tokenize, self.columns = tokenize, columns
+
+    def __call__(self, rows: list[dict]) -> dict[str, Tensor]:
+        texts = [row[c] for c in self.columns for row in rows]  # column-major: (k·B,)
+        batch = dict(self.tokenize(texts))
+        if LABEL in rows[0]:
+            batch["labels"] = torch.tensor([row[LABEL] for row in rows], dtype=torch.float32)
+        return batch

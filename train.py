@@ -1,0 +1,226 @@
+"""Train a Matryoshka embedding model, top to bottom:
+config -> accelerator -> model -> data -> loss -> optimiser -> prepare -> resume -> loop -> eval -> save.
+
+    accelerate launch train.py                                   # configs/default.yaml
+    accelerate launch train.py --config configs/nli-matryoshka.yaml --set train.lr=3e-5
+    python train.py --set train.max_steps=20 --set output_dir=runs/smoke
+    accelerate launch train.py --config ... --resume latest      # or --resume runs/x/checkpoints/step_100
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from functools import partial
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+from transformers.utils import logging as hf_logging
+
+from mrl.config import load_config
+from mrl.data import BatchSampler, Collator, load_table, text_columns
+from mrl.encoder import Encoder
+from mrl.evaluation import evaluate_sts, markdown_table
+from mrl.losses import LOSSES
+from mrl.matryoshka import MatryoshkaLoss, check_dims
+from mrl.sources import load_mirror, resolve_model, unreachable
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--config", default="configs/default.yaml", help="YAML file of changes to mrl/config.py")
+parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=3e-5")
+parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest' (in output_dir/checkpoints)")
+args = parser.parse_args()
+cfg = load_config(args.config, args.set)  # every config error surfaces here, before anything is loaded
+
+accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
+                          log_with=cfg.log.with_ or None, project_dir=cfg.output_dir)
+set_seed(cfg.train.seed)
+hf_logging.disable_progress_bar()
+accelerator.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+mirror = load_mirror(cfg.mirror)
+
+# -- model: loaded first, so dims are checked against its width before any data is read
+model_path = resolve_model(cfg.model.name, mirror)
+try:
+    model = Encoder.from_pretrained(model_path, max_seq_length=cfg.model.max_seq_length, normalize=cfg.model.normalize,
+                                    dense_dim=cfg.model.dense_dim, dense_activation=cfg.model.dense_activation)
+except OSError as error:  # what transformers raises for a hub id it cannot reach
+    raise unreachable("model", cfg.model.name, mirror, error) from error
+check_dims(cfg.loss.dims, embedding_dim=model.embedding_dim, field="loss.dims")
+eval_dims = cfg.eval.dims or cfg.loss.dims
+check_dims(eval_dims, embedding_dim=model.embedding_dim, field="eval.dims")
+accelerator.print(f"model: {model_path} ({model.embedding_dim} dims, max_seq_length {model.max_seq_length})")
+
+# -- data: every table is loaded and checked before the first step
+needs_label = cfg.loss.name == "cosent"
+with accelerator.main_process_first():  # the first process fills the datasets cache, the others read it
+    train_table = load_table(cfg.data.train, "data.train", needs_label, mirror)
+    eval_tables = {split: load_table(spec, f"eval.{split}", True, mirror)
+                   for split, spec in (("dev", cfg.eval.dev), ("test", cfg.eval.test)) if spec is not None}
+columns = text_columns(train_table)
+if cfg.loss.name == "cosent" and len(columns) != 2:
+    raise ValueError(f"data.train.columns: cosent needs 2 text columns and a score, got {columns}")
+for split, table in {"train": train_table, **eval_tables}.items():
+    accelerator.print(f"{split}: {len(table)} rows, text columns {text_columns(table)}"
+                      + (", label in [0, 1]" if "label" in table.column_names else ""))
+
+no_duplicates = cfg.data.no_duplicates if cfg.data.no_duplicates is not None else cfg.loss.name == "contrastive"
+rows = list(zip(*(train_table[c] for c in columns)))
+sampler = BatchSampler(rows, cfg.train.batch_size, no_duplicates, cfg.train.drop_last, cfg.train.seed)
+loader = DataLoader(train_table, batch_sampler=sampler, collate_fn=Collator(model.tokenize, columns),
+                    num_workers=cfg.data.num_workers)
+
+# -- loss: the plain (baseline) loss is the Matryoshka loss with the full width as its only dim
+base_loss = partial(LOSSES[cfg.loss.name], scale=cfg.loss.scale,
+                    **({"symmetric": cfg.loss.symmetric} if cfg.loss.name == "contrastive" else {}))
+if cfg.loss.matryoshka:
+    loss_fn = MatryoshkaLoss(base_loss, cfg.loss.dims, cfg.loss.dim_weights, cfg.loss.n_dims_per_step)
+else:
+    loss_fn = MatryoshkaLoss(base_loss, [model.embedding_dim])
+accelerator.print(f"loss: {loss_fn}")
+
+# -- optimiser and schedule (no weight decay on biases and LayerNorm weights, as in BERT)
+decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr)
+steps_per_epoch = math.ceil(len(loader) / (accelerator.num_processes * cfg.train.grad_accum))
+total_steps = min(cfg.train.epochs * steps_per_epoch, cfg.train.max_steps or math.inf)
+# a prepared scheduler steps once per process per optimiser step, hence the factor
+scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total_steps) * accelerator.num_processes,
+                                            total_steps * accelerator.num_processes)
+model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+
+class Progress:
+    """Where training stands; saved inside every checkpoint, so resuming never parses folder names."""
+
+    def __init__(self):
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+
+    def state_dict(self):
+        return dict(vars(self))
+
+    def load_state_dict(self, state):
+        vars(self).update(state)
+
+
+progress = Progress()
+accelerator.register_for_checkpointing(progress)
+checkpoint_root = os.path.join(cfg.output_dir, "checkpoints")
+if args.resume:
+    resume_dir = args.resume
+    if resume_dir == "latest":
+        found = [d for d in os.listdir(checkpoint_root) if d.startswith("step_")] if os.path.isdir(checkpoint_root) else []
+        if not found:
+            raise FileNotFoundError(f"--resume latest: no checkpoint in {checkpoint_root}")
+        resume_dir = os.path.join(checkpoint_root, max(found, key=lambda d: int(d.split("_")[1])))
+    accelerator.load_state(resume_dir)
+    accelerator.print(f"resumed from {resume_dir} at step {progress.step} (epoch {progress.epoch})")
+
+
+def evaluate(split: str) -> dict[int, float]:
+    """Per-dim Spearman on one eval table, on the main process (the other processes wait)."""
+    scores = {}
+    if accelerator.is_main_process:
+        scores = evaluate_sts(accelerator.unwrap_model(model), eval_tables[split], eval_dims, cfg.eval.batch_size)
+    accelerator.wait_for_everyone()
+    return scores
+
+
+def save_checkpoint():
+    accelerator.save_state(os.path.join(checkpoint_root, f"step_{progress.step}"))
+    if accelerator.is_main_process:  # nanoGPT's habit: the resolved config travels with every checkpoint
+        with open(os.path.join(checkpoint_root, f"step_{progress.step}", "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+results = {"dims": sorted(eval_dims, reverse=True), "dev": {}, "test": {}, "dev_during_training": {}}
+if cfg.log.with_:
+    flat = {k: str(v) if isinstance(v, (list, dict, type(None))) else v
+            for section, fields in cfg.to_dict().items() if isinstance(fields, dict) for k, v in
+            ((f"{section}.{k}", v) for k, v in fields.items())}
+    accelerator.init_trackers("mrl", config=flat)
+if not args.resume:  # the starting point, for the before/after table
+    for split in eval_tables:
+        results[split]["before training"] = evaluate(split)
+    accelerator.print(markdown_table({f"{split}, before training": results[split]["before training"]
+                                      for split in eval_tables}))
+
+# -- the loop
+model.train()
+running, n_running = {}, 0  # per-dim loss sums since the last log, kept on the device (no sync per step)
+bar = tqdm(total=total_steps, initial=progress.step, desc="train", disable=not accelerator.is_main_process)
+samples, start_time, start_step = 0, time.perf_counter(), progress.step
+while progress.step < total_steps and progress.epoch < cfg.train.epochs:
+    sampler.set_epoch(progress.epoch)  # the same shuffles on every process, and again on resume
+    loader.set_epoch(progress.epoch)
+    epoch_loader = accelerator.skip_first_batches(loader, progress.batch_in_epoch) if progress.batch_in_epoch else loader
+    for batch in epoch_loader:
+        with accelerator.accumulate(model):
+            labels = batch.pop("labels", None)
+            embeddings = model(batch).chunk(len(columns))  # one forward for every column: k × (B, D)
+            loss, per_dim = loss_fn(list(embeddings), labels)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        progress.batch_in_epoch += 1
+        samples += len(embeddings[0]) * accelerator.num_processes
+        for d, value in {"total": loss.detach(), **per_dim}.items():
+            running[d] = running.get(d, 0.0) + value
+        n_running += 1
+        if not accelerator.sync_gradients:
+            continue
+
+        progress.step += 1
+        bar.update(1)
+        if progress.step % cfg.log.every == 0 or progress.step == total_steps:
+            logs = {f"train/loss/d{d}" if d != "total" else "train/loss": (v / n_running).item()
+                    for d, v in running.items()}  # .item(): the one host sync, once per log interval
+            logs["train/lr"] = scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
+            accelerator.log(logs, step=progress.step)
+            running, n_running = {}, 0
+        if cfg.eval.every and progress.step % cfg.eval.every == 0 and progress.step < total_steps and "dev" in eval_tables:
+            scores = results["dev_during_training"][progress.step] = evaluate("dev")
+            accelerator.log({f"eval/dev/spearman/d{d}": s for d, s in scores.items()}, step=progress.step)
+            bar.write(markdown_table({f"dev, step {progress.step}": scores}))
+        if cfg.train.save_every and progress.step % cfg.train.save_every == 0:
+            save_checkpoint()
+        if progress.step >= total_steps:
+            break
+    else:  # the epoch ran out (not a max_steps break)
+        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+bar.close()
+train_seconds = time.perf_counter() - start_time
+
+# -- final evaluation and outputs; only the main process writes
+save_checkpoint()
+for split in eval_tables:
+    results[split]["after training"] = evaluate(split)
+    accelerator.log({f"eval/{split}/spearman/d{d}": s for d, s in results[split]["after training"].items()},
+                    step=progress.step)
+results["train"] = {"steps": progress.step - start_step, "samples": samples, "seconds": round(train_seconds, 1),
+                    "samples_per_second": round(samples / max(train_seconds, 1e-9), 1)}
+if accelerator.is_main_process:
+    accelerator.unwrap_model(model).save(os.path.join(cfg.output_dir, "model"), matryoshka_dims=cfg.loss.dims)
+    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
+        json.dump({"config": cfg.to_dict(), **results}, f, indent=2)
+    table = markdown_table({f"{split}, {when}": scores for split in ("dev", "test")
+                            for when, scores in results[split].items() if scores})
+    with open(os.path.join(cfg.output_dir, "results.md"), "w") as f:
+        f.write(f"STS-B Spearman ×100 per dim; {results['train']}\n\n{table}\n")
+    accelerator.print(f"\n{table}\n\nwrote {cfg.output_dir}/model, results.json, results.md "
+                      f"({results['train']['samples_per_second']} samples/s)")
+accelerator.end_training()
