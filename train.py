@@ -147,7 +147,7 @@ if cfg.log.with_:
             for section, fields in cfg.to_dict().items() if isinstance(fields, dict) for k, v in
             ((f"{section}.{k}", v) for k, v in fields.items())}
     accelerator.init_trackers("mrl", config=flat)
-if not args.resume:  # the starting point, for the before/after table
+if not args.resume and eval_tables:  # the starting point, for the before/after table
     for split in eval_tables:
         results[split]["before training"] = evaluate(split)
     accelerator.print(markdown_table({f"{split}, before training": results[split]["before training"]
@@ -204,7 +204,8 @@ bar.close()
 train_seconds = time.perf_counter() - start_time
 
 # -- final evaluation and outputs; only the main process writes
-save_checkpoint()
+if cfg.train.save_every and progress.step % cfg.train.save_every:
+    save_checkpoint()  # the last steps, for a later --resume with more steps or epochs
 for split in eval_tables:
     results[split]["after training"] = evaluate(split)
     accelerator.log({f"eval/{split}/spearman/d{d}": s for d, s in results[split]["after training"].items()},

@@ -55,7 +55,7 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW, not applied to biases and LayerNorm weights
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables
     grad_accum: int = 1  # gradient accumulation steps per optimiser step
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str | bool = "no"  # no | bf16 | fp16
     seed: int = 0
     drop_last: bool = False  # drop a last, smaller batch of each epoch
     save_every: int = 0  # checkpoint every N optimiser steps (0: only at the end)
@@ -182,6 +182,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.warmup_ratio: must be in [0, 1), got {train.warmup_ratio}")
     if train.lr <= 0:
         raise ValueError(f"train.lr: must be > 0, got {train.lr}")
+    if train.mixed_precision is False or train.mixed_precision == "False":  # YAML reads a bare `no` as false
+        train.mixed_precision = "no"
     if train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"train.mixed_precision: expected no | bf16 | fp16, got {train.mixed_precision!r}")
     for name, spec in (("data.train", cfg.data.train), ("eval.dev", cfg.eval.dev), ("eval.test", cfg.eval.test)):

@@ -129,7 +129,7 @@ class Encoder(nn.Module):
         if normalize is None:
             normalize = has_normalize if modules else True
         encoder = cls(backbone, tokenizer, max_seq_length, normalize, dense, activation)
-        return encoder.to(dtype)
+        return encoder.to(dtype).eval()  # like transformers: loaded models start in eval mode
 
     def save(self, path: str, matryoshka_dims: list[int] | None = None) -> None:
         """Write the sentence-transformers layout: backbone + tokenizer at the root, module configs beside."""
@@ -178,7 +178,9 @@ def _module_kind(module: dict, name_or_path: str) -> str:
 
 def _check_mean_pooling(config: dict, name_or_path: str) -> None:
     modes = [k for k, v in config.items() if k.startswith("pooling_mode_") and v]
-    if modes != ["pooling_mode_mean_tokens"]:
+    if "pooling_mode" in config:  # sentence-transformers >= 6 writes {"pooling_mode": "mean"}
+        modes = [] if config["pooling_mode"] == "mean" else [f"pooling_mode={config['pooling_mode']}"]
+    if modes and modes != ["pooling_mode_mean_tokens"]:
         raise ValueError(f"{name_or_path}: its Pooling module asks for {modes or 'no pooling'}; mrl implements "
                          "mean pooling (pooling_mode_mean_tokens) only")
 

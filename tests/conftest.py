@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny randomly initialised BERT saved to disk, and the real material in ../shared.
+
+No test touches the network: the tiny model's tokenizer is read from the local MiniLM folder, and every
+model and data file comes from ../shared or a tmp dir.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: nothing here may reach the hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
+TINY_HIDDEN = 32  # hidden size of the tiny model
+
+
+def make_tiny_model(path, seed: int = 0) -> Path:
+    """Write a tiny, randomly initialised BERT (hidden 32, 2 layers, 2 heads) with MiniLM's tokenizer to `path`.
+
+    A plain Hugging Face folder (no modules.json), so `mrl.Encoder.from_pretrained(path)` reads it as mean
+    pooling + L2 normalisation. Deterministic for a given `seed`.
+    """
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    if not (MINILM / "vocab.txt").is_file():
+        pytest.skip(f"no tokenizer at {MINILM}")
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(MINILM))
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=TINY_HIDDEN, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
+    torch.manual_seed(seed)
+    model = BertModel(config)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT + tokenizer saved as a plain HF folder (read-only for tests: copy before changing)."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture
+def tiny_encoder(tiny_model_dir):
+    """A fresh mrl.Encoder on the tiny model (mean pooling, normalize=True), in eval mode."""
+    from mrl import Encoder
+
+    torch.manual_seed(0)
+    return Encoder.from_pretrained(str(tiny_model_dir)).eval()
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    if not (MINILM / "modules.json").is_file():
+        pytest.skip(f"no MiniLM model at {MINILM}")
+    return MINILM
