@@ -106,7 +106,13 @@ def _coerce(value, annotation, name: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)), name)
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, name)
+            except TypeError as error:
+                errors.append(error)
+        raise errors[0]
     if origin is list:
         if not isinstance(value, list):
             raise TypeError(f"{name}: expected a list, got {value!r}")
