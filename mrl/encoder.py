@@ -179,8 +179,8 @@ def _module_kind(module: dict, name_or_path: str) -> str:
 def _check_mean_pooling(config: dict, name_or_path: str) -> None:
     modes = [k for k, v in config.items() if k.startswith("pooling_mode_") and v]
     if "pooling_mode" in config:  # sentence-transformers >= 6 writes {"pooling_mode": "mean"}
-        modes = [] if config["pooling_mode"] == "mean" else [f"pooling_mode={config['pooling_mode']}"]
-    if modes and modes != ["pooling_mode_mean_tokens"]:
+        modes = ["pooling_mode_mean_tokens" if config["pooling_mode"] == "mean" else f"pooling_mode={config['pooling_mode']}"]
+    if modes != ["pooling_mode_mean_tokens"]:
         raise ValueError(f"{name_or_path}: its Pooling module asks for {modes or 'no pooling'}; mrl implements "
                          "mean pooling (pooling_mode_mean_tokens) only")
 
