@@ -38,7 +38,11 @@ def load_table(spec: dict, field: str, needs_label: bool = False, mirror: dict |
     except Exception as error:
         if "/" in spec["path"] and not os.path.exists(spec["path"]):  # a hub id that could not be fetched
             raise unreachable("dataset", spec["path"], mirror or {}, error) from error
-        raise
+        if isinstance(error, StopIteration) or "corresponds to no data" in str(error):  # datasets' "empty"
+            raise ValueError(f"{field}: the dataset {spec.get('path')!r} split {spec['split']!r} has no rows "
+                             f"(data_files: {spec.get('data_files')!r})") from error
+        raise ValueError(f"{field}: datasets.load_dataset({_show(load_kwargs)}) failed: "
+                         f"{type(error).__name__}: {error}") from error
     if len(table) == 0:
         raise ValueError(f"{field}: the dataset {spec.get('path')!r} split {spec['split']!r} has no rows")
 
@@ -65,6 +69,10 @@ def load_table(spec: dict, field: str, needs_label: bool = False, mirror: dict |
         scale = float(spec.get("score_max") or 1.0)
         table = table.map(lambda row: {LABEL: float(row[label]) / scale}, remove_columns=[label])
     return table
+
+
+def _show(kwargs: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
 def text_columns(table: datasets.Dataset) -> list[str]:

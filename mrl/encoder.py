@@ -108,17 +108,21 @@ class Encoder(nn.Module):
         """
         modules = _read_json(name_or_path, "modules.json")
         st = _read_json(name_or_path, "sentence_bert_config.json") or {}
-        dense, activation, has_normalize = None, dense_activation, False
+        dense, activation, has_normalize, subfolder = None, dense_activation, False, ""
         for module in modules or []:
             kind = _module_kind(module, name_or_path)
-            if kind == "Pooling":
+            if kind == "Transformer":
+                subfolder = module.get("path", "")  # "" (backbone at the root) or "0_Transformer"
+            elif kind == "Pooling":
                 _check_mean_pooling(_read_json(name_or_path, f"{module['path']}/config.json") or {}, name_or_path)
             elif kind == "Dense":
                 dense, activation = _load_dense(name_or_path, module["path"])
             elif kind == "Normalize":
                 has_normalize = True
-        backbone = AutoModel.from_pretrained(name_or_path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        if subfolder and not st:
+            st = _read_json(name_or_path, f"{subfolder}/sentence_bert_config.json") or {}
+        backbone = AutoModel.from_pretrained(name_or_path, subfolder=subfolder, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder=subfolder)
         if dense_dim is not None:
             if dense is not None:
                 raise ValueError(f"model.dense_dim: {name_or_path} already has a Dense head "

@@ -245,9 +245,6 @@ def test_load_table_missing_split_key(sts_csv, tmp_path):
         load_table(spec, "eval.dev")
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="BUG: a split the files do not have raises datasets' own error, which does not name "
-                          "the spec's field")
 def test_load_table_unknown_split_names_the_field(sts_csv, tmp_path):
     spec = spec_for(sts_csv, "csv", tmp_path)
     spec["data_files"] = {"train": sts_csv}
@@ -270,20 +267,13 @@ def test_load_table_blank_text_in_json(tmp_path):
         load_table(spec_for(write_jsonl(tmp_path / "t.jsonl", rows), "json", tmp_path), "data.train")
 
 
-EMPTY_BUG = ("BUG: an empty dataset fails inside datasets.load_dataset with its own error (a header-only csv or a "
-             "split slice with no rows: 'Instruction \"train\" corresponds to no data!'; an empty jsonl: a bare "
-             "StopIteration), which does not name the spec's field; load_table's own empty-dataset check, which "
-             "does, is never reached")
 
-
-@pytest.mark.xfail(strict=True, reason=EMPTY_BUG)
 def test_load_table_empty_csv_names_the_field(tmp_path):
     path = write_csv(tmp_path / "empty.csv", ["sentence1", "sentence2", "score"], [])
     with pytest.raises(ValueError, match=r"data\.train"):
         load_table(spec_for(path, "csv", tmp_path), "data.train", needs_label=True)
 
 
-@pytest.mark.xfail(strict=True, reason=EMPTY_BUG)
 def test_load_table_empty_jsonl_names_the_field(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("")
@@ -291,7 +281,6 @@ def test_load_table_empty_jsonl_names_the_field(tmp_path):
         load_table(spec_for(path, "json", tmp_path), "data.train")
 
 
-@pytest.mark.xfail(strict=True, reason=EMPTY_BUG)
 def test_load_table_empty_split_slice_names_the_field(nli_jsonl, tmp_path):
     with pytest.raises(ValueError, match=r"data\.train"):
         load_table(spec_for(nli_jsonl, "json", tmp_path, split="train[:0]"), "data.train")

@@ -374,9 +374,6 @@ def move_transformer_to_subfolder(path):
     rewrite_modules(path, point_at_subfolder)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: modules.json may put the Transformer in 0_Transformer/ (accepted by "
-                                       "_module_kind), but from_pretrained loads the backbone and tokenizer from the "
-                                       "folder's root, so such a model fails with transformers' 'Unrecognized model'")
 def test_transformer_in_0_transformer_subfolder_loads(saved_dir):
     expected = Encoder.from_pretrained(str(saved_dir)).encode(TEXTS)
     move_transformer_to_subfolder(saved_dir)
