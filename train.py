@@ -38,8 +38,11 @@ parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'lat
 args = parser.parse_args()
 cfg = load_config(args.config, args.set)  # every config error surfaces here, before anything is loaded
 
+# cpu=True on a machine without a GPU: Accelerate then joins processes started by torchrun / `accelerate launch
+# --multi_gpu` into one gloo group (left False, each CPU process would train alone)
 accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
-                          log_with=cfg.log.with_ or None, project_dir=cfg.output_dir)
+                          log_with=cfg.log.with_ or None, project_dir=cfg.output_dir,
+                          cpu=not torch.accelerator.is_available())
 set_seed(cfg.train.seed)
 hf_logging.disable_progress_bar()
 accelerator.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -73,8 +76,10 @@ for split, table in {"train": train_table, **eval_tables}.items():
 no_duplicates = cfg.data.no_duplicates if cfg.data.no_duplicates is not None else cfg.loss.name == "contrastive"
 rows = list(zip(*(train_table[c] for c in columns)))
 sampler = BatchSampler(rows, cfg.train.batch_size, no_duplicates, cfg.train.drop_last, cfg.train.seed)
+# the loader's own generator: starting an epoch's iterator then draws no number from the global RNG, so dropout
+# after a resume (global RNG restored from the checkpoint) matches the uninterrupted run
 loader = DataLoader(train_table, batch_sampler=sampler, collate_fn=Collator(model.tokenize, columns),
-                    num_workers=cfg.data.num_workers)
+                    num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed))
 
 # -- loss: the plain (baseline) loss is the Matryoshka loss with the full width as its only dim
 base_loss = partial(LOSSES[cfg.loss.name], scale=cfg.loss.scale,
@@ -86,8 +91,9 @@ else:
 accelerator.print(f"loss: {loss_fn}")
 
 # -- optimiser and schedule (no weight decay on biases and LayerNorm weights, as in BERT)
-decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+trained = [p for p in model.parameters() if p.requires_grad]
+decay = [p for p in trained if p.ndim >= 2]
+no_decay = [p for p in trained if p.ndim < 2]
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr)
 steps_per_epoch = math.ceil(len(loader) / (accelerator.num_processes * cfg.train.grad_accum))
@@ -210,7 +216,7 @@ for split in eval_tables:
     results[split]["after training"] = evaluate(split)
     accelerator.log({f"eval/{split}/spearman/d{d}": s for d, s in results[split]["after training"].items()},
                     step=progress.step)
-results["train"] = {"steps": progress.step - start_step, "samples": samples, "seconds": round(train_seconds, 1),
+results["train"] = {"steps": progress.step - start_step, "processes": accelerator.num_processes, "samples": samples, "seconds": round(train_seconds, 1),
                     "samples_per_second": round(samples / max(train_seconds, 1e-9), 1)}
 if accelerator.is_main_process:
     accelerator.unwrap_model(model).save(os.path.join(cfg.output_dir, "model"), matryoshka_dims=cfg.loss.dims)

@@ -47,6 +47,10 @@ class Encoder(nn.Module):
         self.dense = dense
         self.dense_activation = dense_activation
         self.activation = ACTIVATIONS[dense_activation]() if dense is not None else None
+        # A backbone's own pooler head (BERT's [CLS] dense + tanh) has no part in a mean-pooled embedding: frozen,
+        # so it is kept for saving but never trained, and DDP finds no parameter without a gradient.
+        if isinstance(getattr(backbone, "pooler", None), nn.Module):
+            backbone.pooler.requires_grad_(False)
 
     @property
     def embedding_dim(self) -> int:
