@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import time
 from functools import partial
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
+from mrl.card import model_card
 from mrl.config import load_config
 from mrl.data import BatchSampler, Collator, load_table, text_columns
 from mrl.encoder import Encoder
@@ -156,6 +158,8 @@ if cfg.log.with_:
 if not args.resume and eval_tables:  # the starting point, for the before/after table
     for split in eval_tables:
         results[split]["before training"] = evaluate(split)
+        accelerator.log({f"eval/{split}/spearman/d{d}": s for d, s in results[split]["before training"].items()},
+                        step=0)
     accelerator.print(markdown_table({f"{split}, before training": results[split]["before training"]
                                       for split in eval_tables}))
 
@@ -219,7 +223,12 @@ for split in eval_tables:
 results["train"] = {"steps": progress.step - start_step, "processes": accelerator.num_processes, "samples": samples, "seconds": round(train_seconds, 1),
                     "samples_per_second": round(samples / max(train_seconds, 1e-9), 1)}
 if accelerator.is_main_process:
-    accelerator.unwrap_model(model).save(os.path.join(cfg.output_dir, "model"), matryoshka_dims=cfg.loss.dims)
+    trained = accelerator.unwrap_model(model)
+    trained.save(os.path.join(cfg.output_dir, "model"), matryoshka_dims=cfg.loss.dims if cfg.loss.matryoshka else None)
+    command = shlex.join(["accelerate", "launch", "train.py", "--config", args.config,
+                          *[a for override in args.set for a in ("--set", override)]])
+    with open(os.path.join(cfg.output_dir, "model", "README.md"), "w") as f:
+        f.write(model_card(cfg.to_dict(), results, command, trained.embedding_dim))
     with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:

@@ -73,7 +73,8 @@ class EvalConfig:
 @dataclass
 class LogConfig:
     every: int = 10  # log losses every N optimiser steps
-    with_: list[str] = field(default_factory=list)  # YAML key `with`: Accelerate trackers, e.g. [tensorboard]
+    # YAML key `with`: Accelerate trackers, e.g. [tensorboard, wandb]; one name alone (log.with=tensorboard) is fine
+    with_: list[str] | str = field(default_factory=list)
 
 
 @dataclass
@@ -174,6 +175,8 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
 def validate(cfg: Config) -> None:
     """Checks that need no model or data; the dims-vs-model-width check happens once the model is loaded."""
     loss, train = cfg.loss, cfg.train
+    if isinstance(cfg.log.with_, str):
+        cfg.log.with_ = [cfg.log.with_]
     if loss.name not in LOSSES:
         raise ValueError(f"loss.name: expected one of {sorted(LOSSES)}, got {loss.name!r}")
     check_dims(loss.dims, loss.dim_weights, loss.n_dims_per_step, field="loss.dims")

@@ -66,11 +66,18 @@ def resolve_dataset(spec: dict, mirror: dict) -> dict:
 
 def unreachable(kind: str, name: str, mirror: dict, error: Exception) -> RuntimeError:
     """The error for a hub id that neither a local copy nor the hub could provide."""
-    where = (f"the mirror file {mirror['file']} has no usable local copy of it" if mirror
-             else "no mirror file is set")
+    entry = mirror.get("models" if kind == "model" else "datasets", {}).get(name)
+    if entry is not None:
+        missing = [entry] if kind == "model" else [p for p in _files(entry.get("data_files")) if not os.path.exists(p)]
+        where = f"the mirror file {mirror['file']} maps it to {', '.join(missing)}, which does not exist"
+    elif mirror:
+        where = f"the mirror file {mirror['file']} has no entry for it"
+    else:
+        where = "no mirror file is set"
     return RuntimeError(
         f"could not load {kind} {name!r}: it is not a local path, {where}, and the hub failed "
-        f"({type(error).__name__}: {error}). Give a local path instead, or map {name!r} to a local copy in a "
+        f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else '-'}; the full "
+        f"error is above). Give a local path instead, or map {name!r} to a local copy in a "
         f"mirror file (set `mirror:` in the config or {MIRROR_ENV}=/path/to/mirror.yaml; see mrl/sources.py).")
 
 

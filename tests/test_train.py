@@ -1,6 +1,7 @@
 """train.py end to end on the tiny random model: a few steps run and write every output; bad configs fail early."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,72 @@ def test_matryoshka_training_raises_dim_16_dev_spearman(tmp_path, minilm_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     dev_scores = json.loads((tmp_path / "run" / "results.json").read_text())["dev"]
     assert dev_scores["after training"]["16"] > dev_scores["before training"]["16"]
+
+
+def read_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under log_dir: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for path in Path(log_dir).rglob("events.out.tfevents.*"):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in events.Scalars(tag))
+    return scalars
+
+
+def test_tensorboard_logs_per_dim_losses_lr_and_eval(tmp_path, tiny_model_dir):
+    pytest.importorskip("tensorboard")
+    proc = run_train(tmp_path, tiny_model_dir, "log.with=tensorboard", "log.every=1", "eval.every=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = read_scalars(tmp_path / "run")
+    for tag in ["train/loss", "train/lr", *(f"train/loss/d{d}" for d in (32, 16, 8))]:
+        assert [step for step, _ in scalars[tag]] == [1, 2, 3], tag
+    for d in (32, 16, 8):  # before training (step 0), during (eval.every=2) and after (step 3)
+        assert [step for step, _ in scalars[f"eval/dev/spearman/d{d}"]] == [0, 2, 3]
+    # the total is the sum of the per-dim losses (weights 1), step by step
+    for i in range(3):
+        per_dim = sum(scalars[f"train/loss/d{d}"][i][1] for d in (32, 16, 8))
+        assert scalars["train/loss"][i][1] == pytest.approx(per_dim, rel=1e-5)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    final = dict(scalars["eval/dev/spearman/d16"])[3]
+    assert final == pytest.approx(results["dev"]["after training"]["16"], abs=1e-4)
+
+
+def test_model_card_is_written_from_the_run(tmp_path, tiny_model_dir):
+    proc = run_train(tmp_path, tiny_model_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert f"Base model: `{tiny_model_dir}`" in card
+    assert "`cosent` loss" in card and "dims 32, 16, 8" in card
+    assert "3 optimiser steps" in card
+    after = results["dev"]["after training"]
+    assert "| dev, after training | " + " | ".join(f"{after[str(d)]:.2f}" for d in (32, 16, 8)) + " |" in card
+    assert "accelerate launch train.py --config configs/default.yaml --set model.name=" in card
+    assert "train.max_steps=3" in card
+    assert "SentenceTransformer(" in card and "Encoder.from_pretrained(" in card
+    assert "{" not in card.split("## Results")[0].replace("{'train'", "")  # no unfilled template slots
+
+
+def test_unreachable_model_names_the_id_the_mirror_and_the_fix(tmp_path):
+    mirror = tmp_path / "mirror.yaml"
+    mirror.write_text("models:\n  nobody/no-such-model: /nowhere/model\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MRL_MIRROR": str(mirror)}
+    proc = subprocess.run([sys.executable, "train.py", "--set", "model.name=nobody/no-such-model"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0
+    error = proc.stderr.strip().splitlines()[-1]
+    assert "'nobody/no-such-model'" in error and str(mirror) in error and "/nowhere/model" in error
+    assert "MRL_MIRROR" in error and "local path" in error
+
+
+def test_unreachable_dataset_names_the_id_and_the_fix(tmp_path, tiny_model_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "train.py", "--set", f"model.name={tiny_model_dir}",
+                           "--set", "loss.dims=[32,16]", "--set", "data.train={path: nobody/no-such-data, split: train}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0
+    error = proc.stderr.strip().splitlines()[-1]
+    assert "'nobody/no-such-data'" in error and "has no entry for it" in error and "MRL_MIRROR" in error
