@@ -29,7 +29,9 @@ from mrl.config import load_config
 from mrl.data import BatchSampler, Collator, load_table, text_columns
 from mrl.encoder import Encoder
 from mrl.evaluation import evaluate_sts, markdown_table
-from mrl.losses import LOSSES
+from mrl.dist import gather_columns
+from mrl.gradcache import cached_backward
+from mrl.losses import LOSSES, NESTED_LOSSES
 from mrl.matryoshka import MatryoshkaLoss, check_dims
 from mrl.sources import load_mirror, resolve_model, unreachable
 
@@ -84,13 +86,26 @@ loader = DataLoader(train_table, batch_sampler=sampler, collate_fn=Collator(mode
                     num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed))
 
 # -- loss: the plain (baseline) loss is the Matryoshka loss with the full width as its only dim
-base_loss = partial(LOSSES[cfg.loss.name], scale=cfg.loss.scale,
-                    **({"symmetric": cfg.loss.symmetric} if cfg.loss.name == "contrastive" else {}))
+# every dim's loss comes from one batched computation (prefix sums; equal to the per-dim loop, see the tests)
+loss_kwargs = {"scale": cfg.loss.scale, **({"symmetric": cfg.loss.symmetric} if cfg.loss.name == "contrastive" else {})}
+base_loss, nested_loss = (partial(table[cfg.loss.name], **loss_kwargs) for table in (LOSSES, NESTED_LOSSES))
 if cfg.loss.matryoshka:
-    loss_fn = MatryoshkaLoss(base_loss, cfg.loss.dims, cfg.loss.dim_weights, cfg.loss.n_dims_per_step)
+    loss_fn = MatryoshkaLoss(base_loss, cfg.loss.dims, cfg.loss.dim_weights, cfg.loss.n_dims_per_step, nested_loss)
 else:
-    loss_fn = MatryoshkaLoss(base_loss, [model.embedding_dim])
-accelerator.print(f"loss: {loss_fn}")
+    loss_fn = MatryoshkaLoss(base_loss, [model.embedding_dim], nested_loss=nested_loss)
+cross_device = cfg.loss.cross_device
+if cross_device is None:
+    cross_device = cfg.loss.name == "contrastive" and accelerator.num_processes > 1
+accelerator.print(f"loss: {loss_fn}" + (f", negatives from all {accelerator.num_processes} processes" if cross_device else "")
+                  + (f", GradCache chunks of {cfg.train.cache_chunk_size} texts" if cfg.train.cache_chunk_size else ""))
+
+
+def compute_loss(embeddings: list[torch.Tensor], labels) -> tuple[torch.Tensor, dict]:
+    """The (Matryoshka) loss of this process's embeddings, against every process's candidates if cross_device."""
+    if cross_device:
+        all_columns, own_rows = gather_columns(embeddings)
+        return loss_fn(all_columns, labels, rows=own_rows)
+    return loss_fn(embeddings, labels)
 
 # -- optimiser and schedule (no weight decay on biases and LayerNorm weights, as in BERT)
 trained = [p for p in model.parameters() if p.requires_grad]
@@ -175,16 +190,21 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
     for batch in epoch_loader:
         with accelerator.accumulate(model):
             labels = batch.pop("labels", None)
-            embeddings = model(batch).chunk(len(columns))  # one forward for every column: k × (B, D)
-            loss, per_dim = loss_fn(list(embeddings), labels)
-            accelerator.backward(loss)
+            if cfg.train.cache_chunk_size:  # GradCache: chunked forwards, the same gradients
+                loss, per_dim = cached_backward(model, batch, len(columns), partial(compute_loss, labels=labels),
+                                                cfg.train.cache_chunk_size, accelerator.backward,
+                                                no_sync=partial(accelerator.no_sync, model))
+            else:
+                embeddings = model(batch).chunk(len(columns))  # one forward for every column: k × (B, D)
+                loss, per_dim = compute_loss(list(embeddings), labels)
+                accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
         progress.batch_in_epoch += 1
-        samples += len(embeddings[0]) * accelerator.num_processes
+        samples += len(batch["input_ids"]) // len(columns) * accelerator.num_processes
         for d, value in {"total": loss.detach(), **per_dim}.items():
             running[d] = running.get(d, 0.0) + value
         n_running += 1

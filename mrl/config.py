@@ -43,6 +43,9 @@ class LossConfig:
     dims: list[int] = field(default_factory=lambda: [384, 256, 128, 64, 32, 16, 8])
     dim_weights: list[float] | None = None  # one weight per dim; None: all 1
     n_dims_per_step: int | None = None  # train a random subset of this many dims each step; None: all
+    # contrastive: score each anchor against the candidates of every process (mrl/dist.py);
+    # None: on whenever a contrastive run has several processes
+    cross_device: bool | None = None
 
 
 @dataclass
@@ -59,6 +62,8 @@ class TrainConfig:
     seed: int = 0
     drop_last: bool = False  # drop a last, smaller batch of each epoch
     save_every: int = 0  # checkpoint every N optimiser steps (0: only at the end)
+    # GradCache (mrl/gradcache.py): embed the batch in chunks of this many texts, exactly; memory of one chunk
+    cache_chunk_size: int | None = None
 
 
 @dataclass
@@ -187,6 +192,11 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"train.{name}: must be >= 1, got {getattr(train, name)}")
     if train.max_steps is not None and train.max_steps < 1:
         raise ValueError(f"train.max_steps: must be >= 1 or null, got {train.max_steps}")
+    if loss.cross_device and loss.name != "contrastive":
+        raise ValueError(f"loss.cross_device: only the contrastive loss has in-batch negatives to share across "
+                         f"processes; loss.name is {loss.name!r}")
+    if train.cache_chunk_size is not None and train.cache_chunk_size < 1:
+        raise ValueError(f"train.cache_chunk_size: must be >= 1 or null, got {train.cache_chunk_size}")
     if not 0 <= train.warmup_ratio < 1:
         raise ValueError(f"train.warmup_ratio: must be in [0, 1), got {train.warmup_ratio}")
     if train.lr <= 0:

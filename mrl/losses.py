@@ -15,8 +15,42 @@ def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
     return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
 
 
+def nested_cosine_matrices(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
+    """cos(a_i[:d], b_j[:d]) for every pair of rows and every d in `dims`: (len(dims), N, M), in dims' order.
+
+    a: (N, D), b: (M, D). With the dims sorted d_1 < d_2 < ... and d_0 = 0, the dot products are prefix sums
+    of block products and the norms prefix sums of squares:
+
+        A_k = Σ_{l<=k} a[:, d_{l-1}:d_l] · b[:, d_{l-1}:d_l]ᵀ,   ‖a_i[:d_k]‖² = Σ_{c<d_k} a_ic²,
+        cos_k = A_k / (‖a[:d_k]‖ ‖b[:d_k]‖ᵀ)
+
+    so all dims together cost one full-width matmul (in blocks), not one matmul per dim.
+    """
+    ascending = sorted(range(len(dims)), key=lambda i: dims[i])
+    bounds = [0] + [dims[i] for i in ascending]
+    dtype = torch.promote_types(a.dtype, torch.float32)  # sums in float32 at least, also under bf16 autocast
+    blocks = torch.stack([a[:, lo:hi] @ b[:, lo:hi].T for lo, hi in zip(bounds, bounds[1:])])  # (n, N, M)
+    dots = blocks.to(dtype).cumsum(0)
+    ends = torch.tensor(bounds[1:], device=a.device) - 1
+    norm_a = a.to(dtype).pow(2).cumsum(-1)[:, ends].T.sqrt().clamp_min(1e-12)  # (n, N), as F.normalize's eps
+    norm_b = b.to(dtype).pow(2).cumsum(-1)[:, ends].T.sqrt().clamp_min(1e-12)  # (n, M)
+    cos = dots / (norm_a[:, :, None] * norm_b[:, None, :])
+    return cos[torch.tensor(ascending, device=a.device).argsort()]  # back to the order of `dims`
+
+
+def nested_pair_cosines(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
+    """cos(a_i[:d], b_i[:d]) of row pairs for every d in `dims`: (len(dims), N), by prefix sums of a_i·b_i."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    a, b = a.to(dtype), b.to(dtype)
+    ends = torch.tensor(dims, device=a.device) - 1
+    dots = (a * b).cumsum(-1)[:, ends].T  # (n, N)
+    norm_a = a.pow(2).cumsum(-1)[:, ends].T.sqrt().clamp_min(1e-12)
+    norm_b = b.pow(2).cumsum(-1)[:, ends].T.sqrt().clamp_min(1e-12)
+    return dots / (norm_a * norm_b)
+
+
 def contrastive_loss(embeddings: list[Tensor], labels: Tensor | None = None, *, scale: float = 20.0,
-                     symmetric: bool = False) -> Tensor:
+                     symmetric: bool = False, rows: Tensor | None = None) -> Tensor:
     """In-batch-negatives contrastive loss (InfoNCE; "MultipleNegativesRankingLoss").
 
     embeddings = [q, p, n_1, ..., n_k]: anchors q and positives p of shape (B, D), plus k >= 0 hard-negative
@@ -29,18 +63,44 @@ def contrastive_loss(embeddings: list[Tensor], labels: Tensor | None = None, *, 
     symmetric=True averages L with the reverse direction, each positive picking its anchor among all anchors:
         L_sym = ( L + -1/B Σ_i log( exp(s·cos(p_i, q_i)) / Σ_j exp(s·cos(p_i, q_j)) ) ) / 2
 
-    `labels` is ignored (the targets are the diagonal); it is accepted so that every loss has one signature.
+    Cross-device negatives: the columns hold the rows of every process (see mrl.dist), and `rows` (b,) are the
+    indices of this process's own anchors; the mean then runs over those b anchors, each against every
+    process's candidates. Default: all rows. `labels` is ignored (the targets are the diagonal); it is
+    accepted so that every loss has one signature.
     """
+    _check_contrastive(embeddings)
+    q, p, candidates = embeddings[0], embeddings[1], torch.cat(embeddings[1:])
+    rows = torch.arange(len(q), device=q.device) if rows is None else rows
+    loss = F.cross_entropy(scale * cosine_matrix(q[rows], candidates), rows)  # (b, (1+k)·B) logits
+    if symmetric:  # positive p_i against every anchor
+        loss = (loss + F.cross_entropy(scale * cosine_matrix(p[rows], q), rows)) / 2
+    return loss
+
+
+def contrastive_losses_nested(embeddings: list[Tensor], labels: Tensor | None = None, *, dims: list[int],
+                              scale: float = 20.0, symmetric: bool = False, rows: Tensor | None = None) -> Tensor:
+    """contrastive_loss at every prefix length d in `dims` at once: (len(dims),) losses, in dims' order.
+
+    Equal to [contrastive_loss([e[:, :d] for e in embeddings], ...) for d in dims], with the cosine matrices
+    of all dims from nested_cosine_matrices (one full-width matmul in blocks).
+    """
+    _check_contrastive(embeddings)
+    q, p, candidates = embeddings[0], embeddings[1], torch.cat(embeddings[1:])
+    rows = torch.arange(len(q), device=q.device) if rows is None else rows
+    n = len(dims)
+
+    def losses(cos: Tensor) -> Tensor:  # (n, b, C) cosines -> (n,) mean cross-entropy per dim
+        return F.cross_entropy(scale * cos.flatten(0, 1), rows.repeat(n), reduction="none").view(n, -1).mean(1)
+
+    loss = losses(nested_cosine_matrices(q[rows], candidates, dims))
+    if symmetric:
+        loss = (loss + losses(nested_cosine_matrices(p[rows], q, dims))) / 2
+    return loss
+
+
+def _check_contrastive(embeddings: list[Tensor]) -> None:
     if len(embeddings) < 2:
         raise ValueError(f"contrastive_loss needs at least 2 text columns (anchor, positive), got {len(embeddings)}")
-    q, candidates = embeddings[0], torch.cat(embeddings[1:])
-    logits = scale * cosine_matrix(q, candidates)  # (B, (1+k)·B)
-    targets = torch.arange(len(q), device=q.device)  # q_i's positive is candidate i
-    loss = F.cross_entropy(logits, targets)
-    if symmetric:
-        reverse_logits = logits[:, : len(q)].T  # (B, B): positive p_i against every anchor
-        loss = (loss + F.cross_entropy(reverse_logits, targets)) / 2
-    return loss
 
 
 def cosent_loss(embeddings: list[Tensor], labels: Tensor, *, scale: float = 20.0) -> Tensor:
@@ -53,17 +113,33 @@ def cosent_loss(embeddings: list[Tensor], labels: Tensor, *, scale: float = 20.0
 
     Only the order of the labels matters, so their range (0..1 or 0..5) does not change the loss.
     """
+    _check_cosent(embeddings, labels)
+    a, b = embeddings
+    return _cosent_from_cosines(F.cosine_similarity(a, b, dim=-1)[None], labels, scale)[0]
+
+
+def cosent_losses_nested(embeddings: list[Tensor], labels: Tensor, *, dims: list[int], scale: float = 20.0) -> Tensor:
+    """cosent_loss at every prefix length d in `dims` at once: (len(dims),) losses, in dims' order; the pair
+    cosines of all dims come from prefix sums (nested_pair_cosines)."""
+    _check_cosent(embeddings, labels)
+    return _cosent_from_cosines(nested_pair_cosines(*embeddings, dims), labels, scale)
+
+
+def _cosent_from_cosines(cos: Tensor, labels: Tensor, scale: float) -> Tensor:
+    """(n, B) pair cosines c -> (n,) CoSENT losses."""
+    diff = scale * (cos[:, None, :] - cos[:, :, None])  # (n, B, B): diff[k, i, j] = s·(c_j − c_i)
+    ordered = labels[:, None] > labels[None, :]  # (B, B): y_i > y_j
+    terms = diff.masked_fill(~ordered, float("-inf")).flatten(1)  # (n, B·B)
+    zero = terms.new_zeros(len(terms), 1)  # the "1 +" inside the log
+    return torch.logsumexp(torch.cat([zero, terms], dim=1), dim=1)
+
+
+def _check_cosent(embeddings: list[Tensor], labels: Tensor | None) -> None:
     if len(embeddings) != 2:
         raise ValueError(f"cosent_loss needs exactly 2 text columns (sentence1, sentence2), got {len(embeddings)}")
     if labels is None:
         raise ValueError("cosent_loss needs a label (score) for every pair")
-    a, b = embeddings
-    cos = F.cosine_similarity(a, b, dim=-1)  # (B,)
-    diff = scale * (cos[None, :] - cos[:, None])  # (B, B): diff[i, j] = s·(c_j − c_i)
-    ordered = labels[:, None] > labels[None, :]  # (B, B): y_i > y_j
-    terms = diff.masked_fill(~ordered, float("-inf")).flatten()
-    zero = torch.zeros(1, dtype=terms.dtype, device=terms.device)  # the "1 +" inside the log
-    return torch.logsumexp(torch.cat([zero, terms]), dim=0)
 
 
 LOSSES = {"contrastive": contrastive_loss, "cosent": cosent_loss}
+NESTED_LOSSES = {"contrastive": contrastive_losses_nested, "cosent": cosent_losses_nested}  # all dims at once

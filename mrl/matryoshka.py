@@ -3,6 +3,7 @@
 import random
 from collections.abc import Callable, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -42,10 +43,15 @@ class MatryoshkaLoss(nn.Module):
     forward returns (total, per_dim): the weighted sum, and each trained dim's unweighted loss, detached,
     for logging. The base loss is any callable base_loss(embeddings, labels) -> scalar, e.g. a function of
     `mrl.losses` with its keyword arguments bound by functools.partial.
+
+    nested_loss, optional: the same loss for many dims at once, nested_loss(embeddings, labels, dims=[...])
+    -> (len(dims),) (mrl.losses.NESTED_LOSSES: prefix sums give every dim's cosines for about the cost of
+    one full-width matmul). It must equal the base loss on each prefix; it is used instead of the loop.
+    Extra keyword arguments of forward (e.g. `rows` for cross-device negatives) go to the loss.
     """
 
     def __init__(self, base_loss: Callable[..., Tensor], dims: Sequence[int], weights: Sequence[float] | None = None,
-                 n_dims_per_step: int | None = None):
+                 n_dims_per_step: int | None = None, nested_loss: Callable[..., Tensor] | None = None):
         super().__init__()
         check_dims(dims, weights, n_dims_per_step)
         weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
@@ -54,21 +60,24 @@ class MatryoshkaLoss(nn.Module):
         self.dims = [d for d, _ in by_size]
         self.weights = [w for _, w in by_size]
         self.n_dims_per_step = n_dims_per_step
+        self.nested_loss = nested_loss
 
-    def forward(self, embeddings: list[Tensor], labels: Tensor | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+    def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, **loss_kwargs
+                ) -> tuple[Tensor, dict[int, Tensor]]:
         width = embeddings[0].shape[-1]
         if self.dims[0] > width:
             raise ValueError(f"dims: dim {self.dims[0]} is larger than the embeddings' width {width}")
         chosen = range(len(self.dims))
         if self.n_dims_per_step is not None:
             chosen = sorted(random.sample(chosen, self.n_dims_per_step))
-        total, per_dim = 0.0, {}
-        for i in chosen:
-            d, w = self.dims[i], self.weights[i]
-            loss = self.base_loss([F.normalize(e[:, :d], dim=-1) for e in embeddings], labels)
-            per_dim[d] = loss.detach()
-            total = total + w * loss
-        return total, per_dim
+        dims, weights = [self.dims[i] for i in chosen], [self.weights[i] for i in chosen]
+        if self.nested_loss is not None:
+            losses = self.nested_loss(embeddings, labels, dims=dims, **loss_kwargs)  # (n,)
+        else:
+            losses = torch.stack([self.base_loss([F.normalize(e[:, :d], dim=-1) for e in embeddings], labels,
+                                                 **loss_kwargs) for d in dims])
+        total = (losses * losses.new_tensor(weights)).sum()
+        return total, dict(zip(dims, losses.detach().unbind()))
 
     def extra_repr(self) -> str:
         return f"dims={self.dims}, weights={self.weights}, n_dims_per_step={self.n_dims_per_step}"

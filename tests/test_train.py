@@ -111,6 +111,23 @@ def test_nli_recipe_runs_offline_through_the_mirror(tmp_path, tiny_model_dir):
     assert results["train"]["steps"] == 2 and results["config"]["loss"]["name"] == "contrastive"
 
 
+def test_two_process_contrastive_run_with_cross_device_negatives_and_gradcache(tmp_path, tiny_model_dir):
+    if not (SHARED / "data" / "nli").is_dir():
+        pytest.skip("no NLI triplets in ../shared")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    args = [*launcher, "train.py", "--config", "configs/nli-matryoshka.yaml", "--set", f"model.name={tiny_model_dir}",
+            "--set", "loss.dims=[32,16,8]", "--set", "train.mixed_precision=no", "--set", "train.max_steps=2",
+            "--set", "train.batch_size=16", "--set", "train.cache_chunk_size=8", "--set", "loss.n_dims_per_step=2",
+            "--set", "eval.dev={path: sentence-transformers/stsb, split: 'validation[:50]'}",
+            "--set", "eval.test=null", "--set", f"output_dir={tmp_path}/run"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "negatives from all 2 processes, GradCache chunks of 8 texts" in proc.stdout
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["train"]["processes"] == 2 and results["train"]["samples"] == 2 * 16 * 2
+
+
 @pytest.mark.integration
 def test_matryoshka_training_raises_dim_16_dev_spearman(tmp_path, minilm_dir):
     """The real model on real data: a few dozen steps of the default recipe (CoSENT in Matryoshka 384..8 on

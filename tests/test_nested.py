@@ -1,0 +1,91 @@
+"""All dims at once (prefix sums of block products) equals the direct per-dim computation, in float64."""
+
+import random
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mrl.losses import (contrastive_loss, contrastive_losses_nested, cosent_loss, cosent_losses_nested,
+                        nested_cosine_matrices, nested_pair_cosines)
+from mrl.matryoshka import MatryoshkaLoss
+
+DIMS = [48, 8, 64, 16, 3]  # any order, a dim that is not a power of two, the full width
+
+
+def direct_cosines(a, b, d):
+    return F.normalize(a[:, :d], dim=-1) @ F.normalize(b[:, :d], dim=-1).T
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_nested_cosine_matrices_equal_per_dim_matmuls(seed):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(7, 64, generator=g, dtype=torch.float64), torch.randn(11, 64, generator=g, dtype=torch.float64)
+    nested = nested_cosine_matrices(a, b, DIMS)
+    assert nested.shape == (len(DIMS), 7, 11)
+    for k, d in enumerate(DIMS):
+        torch.testing.assert_close(nested[k], direct_cosines(a, b, d), rtol=0, atol=1e-12)
+
+
+def test_nested_pair_cosines_equal_per_dim():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(9, 64, generator=g, dtype=torch.float64), torch.randn(9, 64, generator=g, dtype=torch.float64)
+    nested = nested_pair_cosines(a, b, DIMS)
+    for k, d in enumerate(DIMS):
+        torch.testing.assert_close(nested[k], F.cosine_similarity(a[:, :d], b[:, :d], dim=-1), rtol=0, atol=1e-12)
+
+
+def test_nested_cosines_keep_float32_sums_under_bf16_inputs():
+    a = torch.randn(5, 64).bfloat16()
+    assert nested_cosine_matrices(a, a, [64, 8]).dtype == torch.float32
+
+
+def columns(seed, n_columns, batch=6, width=64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, width, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(n_columns)]
+
+
+@pytest.mark.parametrize("n_columns", [2, 4])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("rows", [None, [1, 2, 3]])
+def test_nested_contrastive_equals_the_loss_at_each_dim(n_columns, symmetric, rows):
+    embeddings = columns(n_columns, n_columns)
+    rows = None if rows is None else torch.tensor(rows)
+    nested = contrastive_losses_nested(embeddings, dims=DIMS, scale=20.0, symmetric=symmetric, rows=rows)
+    direct = torch.stack([contrastive_loss([e[:, :d] for e in embeddings], scale=20.0, symmetric=symmetric, rows=rows)
+                          for d in DIMS])
+    torch.testing.assert_close(nested, direct, rtol=1e-12, atol=1e-12)
+
+
+def test_nested_cosent_equals_the_loss_at_each_dim():
+    embeddings = columns(0, 2, batch=10)
+    labels = torch.rand(10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    labels[3] = labels[4]  # ties are never ordered pairs
+    nested = cosent_losses_nested(embeddings, labels, dims=DIMS, scale=20.0)
+    direct = torch.stack([cosent_loss([e[:, :d] for e in embeddings], labels, scale=20.0) for d in DIMS])
+    torch.testing.assert_close(nested, direct, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["contrastive", "cosent"])
+@pytest.mark.parametrize("n_dims_per_step", [None, 2])
+def test_matryoshka_loss_nested_path_equals_the_loop_in_value_and_gradient(name, n_dims_per_step):
+    base, nested = {"contrastive": (contrastive_loss, contrastive_losses_nested),
+                    "cosent": (cosent_loss, cosent_losses_nested)}[name]
+    embeddings = columns(3, 3 if name == "contrastive" else 2, batch=8)
+    labels = torch.rand(8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    weights = [1.0, 0.5, 2.0, 1.0, 0.25]
+    results = []
+    for nested_loss in (None, partial(nested, scale=20.0)):
+        random.seed(7)  # the same dims drawn on both paths
+        loss_fn = MatryoshkaLoss(partial(base, scale=20.0), DIMS, weights, n_dims_per_step, nested_loss=nested_loss)
+        total, per_dim = loss_fn(embeddings, labels if name == "cosent" else None)
+        grads = torch.autograd.grad(total, embeddings)
+        results.append((total, per_dim, grads))
+    (total_loop, per_dim_loop, grads_loop), (total_nested, per_dim_nested, grads_nested) = results
+    assert per_dim_loop.keys() == per_dim_nested.keys()
+    torch.testing.assert_close(total_nested, total_loop, rtol=1e-12, atol=1e-12)
+    for d in per_dim_loop:
+        torch.testing.assert_close(per_dim_nested[d], per_dim_loop[d], rtol=1e-12, atol=1e-12)
+    for g_nested, g_loop in zip(grads_nested, grads_loop):
+        torch.testing.assert_close(g_nested, g_loop, rtol=1e-10, atol=1e-12)
