@@ -32,7 +32,7 @@ from mrl.evaluation import evaluate_sts, markdown_table
 from mrl.dist import gather_columns
 from mrl.gradcache import cached_backward
 from mrl.losses import LOSSES, NESTED_LOSSES
-from mrl.matryoshka import MatryoshkaLoss, check_dims
+from mrl.matryoshka import Matryoshka2dLoss, MatryoshkaLoss, check_dims
 from mrl.sources import load_mirror, resolve_model, unreachable
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,6 +62,12 @@ except OSError as error:  # what transformers raises for a hub id it cannot reac
 check_dims(cfg.loss.dims, embedding_dim=model.embedding_dim, field="loss.dims")
 eval_dims = cfg.eval.dims or cfg.loss.dims
 check_dims(eval_dims, embedding_dim=model.embedding_dim, field="eval.dims")
+for n_layers in cfg.eval.layers or []:
+    if not 1 <= n_layers <= model.num_layers:
+        raise ValueError(f"eval.layers: {n_layers} is not in 1..{model.num_layers} (the model's layers)")
+if cfg.loss.two_d and not 1 <= cfg.loss.n_layers_per_step < model.num_layers:
+    raise ValueError(f"loss.n_layers_per_step: must be in 1..{model.num_layers - 1} for this "
+                     f"{model.num_layers}-layer model, got {cfg.loss.n_layers_per_step}")
 accelerator.print(f"model: {model_path} ({model.embedding_dim} dims, max_seq_length {model.max_seq_length})")
 
 # -- data: every table is loaded and checked before the first step
@@ -93,6 +99,9 @@ if cfg.loss.matryoshka:
     loss_fn = MatryoshkaLoss(base_loss, cfg.loss.dims, cfg.loss.dim_weights, cfg.loss.n_dims_per_step, nested_loss)
 else:
     loss_fn = MatryoshkaLoss(base_loss, [model.embedding_dim], nested_loss=nested_loss)
+if cfg.loss.two_d:
+    loss_fn = Matryoshka2dLoss(loss_fn, cfg.loss.n_layers_per_step, cfg.loss.layer_weight, cfg.loss.kl_weight,
+                               cfg.loss.kl_temperature)
 cross_device = cfg.loss.cross_device
 if cross_device is None:
     cross_device = cfg.loss.name == "contrastive" and accelerator.num_processes > 1
@@ -148,11 +157,12 @@ if args.resume:
     accelerator.print(f"resumed from {resume_dir} at step {progress.step} (epoch {progress.epoch})")
 
 
-def evaluate(split: str) -> dict[int, float]:
+def evaluate(split: str, n_layers: int | None = None) -> dict[int, float]:
     """Per-dim Spearman on one eval table, on the main process (the other processes wait)."""
     scores = {}
     if accelerator.is_main_process:
-        scores = evaluate_sts(accelerator.unwrap_model(model), eval_tables[split], eval_dims, cfg.eval.batch_size)
+        scores = evaluate_sts(accelerator.unwrap_model(model), eval_tables[split], eval_dims, cfg.eval.batch_size,
+                              n_layers=n_layers)
     accelerator.wait_for_everyone()
     return scores
 
@@ -191,11 +201,12 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
         with accelerator.accumulate(model):
             labels = batch.pop("labels", None)
             if cfg.train.cache_chunk_size:  # GradCache: chunked forwards, the same gradients
-                loss, per_dim = cached_backward(model, batch, len(columns), partial(compute_loss, labels=labels),
+                loss, per_dim = cached_backward(partial(model, all_layers=cfg.loss.two_d), batch, len(columns), partial(compute_loss, labels=labels),
                                                 cfg.train.cache_chunk_size, accelerator.backward,
                                                 no_sync=partial(accelerator.no_sync, model))
             else:
-                embeddings = model(batch).chunk(len(columns))  # one forward for every column: k × (B, D)
+                # one forward for every column: k × (B, D), or k × (B, L, D) with every layer's embedding (2D)
+                embeddings = model(batch, all_layers=cfg.loss.two_d).chunk(len(columns))
                 loss, per_dim = compute_loss(list(embeddings), labels)
                 accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
@@ -214,8 +225,8 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
         progress.step += 1
         bar.update(1)
         if progress.step % cfg.log.every == 0 or progress.step == total_steps:
-            logs = {f"train/loss/d{d}" if d != "total" else "train/loss": (v / n_running).item()
-                    for d, v in running.items()}  # .item(): the one host sync, once per log interval
+            logs = {"train/loss" if d == "total" else f"train/loss/{f'd{d}' if isinstance(d, int) else d}":
+                    (v / n_running).item() for d, v in running.items()}  # .item(): one host sync per log interval
             logs["train/lr"] = scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
             accelerator.log(logs, step=progress.step)
@@ -240,6 +251,10 @@ for split in eval_tables:
     results[split]["after training"] = evaluate(split)
     accelerator.log({f"eval/{split}/spearman/d{d}": s for d, s in results[split]["after training"].items()},
                     step=progress.step)
+    for n_layers in cfg.eval.layers or []:  # the embeddings of the first n layers (2D Matryoshka)
+        scores = results[split][f"after training, {n_layers} layers"] = evaluate(split, n_layers)
+        accelerator.log({f"eval/{split}/spearman/layers{n_layers}/d{d}": s for d, s in scores.items()},
+                        step=progress.step)
 results["train"] = {"steps": progress.step - start_step, "processes": accelerator.num_processes, "samples": samples, "seconds": round(train_seconds, 1),
                     "samples_per_second": round(samples / max(train_seconds, 1e-9), 1)}
 if accelerator.is_main_process:

@@ -46,6 +46,12 @@ class LossConfig:
     # contrastive: score each anchor against the candidates of every process (mrl/dist.py);
     # None: on whenever a contrastive run has several processes
     cross_device: bool | None = None
+    # 2D Matryoshka (mrl.matryoshka.Matryoshka2dLoss): also train the embeddings of earlier layers
+    two_d: bool = False
+    n_layers_per_step: int = 1  # earlier layers trained per step, drawn at random
+    layer_weight: float = 1.0  # weight of an earlier layer's Matryoshka loss
+    kl_weight: float = 1.0  # weight of the KL toward the last layer's similarity distribution
+    kl_temperature: float = 0.3
 
 
 @dataclass
@@ -71,6 +77,7 @@ class EvalConfig:
     dev: dict | None = field(default_factory=lambda: {"path": STSB, "split": "validation"})
     test: dict | None = field(default_factory=lambda: {"path": STSB, "split": "test"})
     dims: list[int] | None = None  # None: loss.dims
+    layers: list[int] | None = None  # also evaluate the embeddings of the first k layers, for each k here (2D)
     every: int = 0  # evaluate on dev every N optimiser steps (0: at the start and end only)
     batch_size: int = 128
 

@@ -61,33 +61,50 @@ class Encoder(nn.Module):
         return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_seq_length,
                               return_tensors="pt")
 
-    def forward(self, features: dict[str, Tensor]) -> Tensor:
-        token_embeddings = self.backbone(**features).last_hidden_state  # (B, T, H)
-        x = mean_pool(token_embeddings, features["attention_mask"])  # (B, H)
+    @property
+    def num_layers(self) -> int:
+        return self.backbone.config.num_hidden_layers
+
+    def forward(self, features: dict[str, Tensor], all_layers: bool = False) -> Tensor:
+        """(B, D) embeddings; with all_layers, (B, L, D): [:, l-1] is the embedding of the first l of the
+        backbone's L layers (2D Matryoshka), [:, -1] the usual one."""
+        if not all_layers:
+            token_embeddings = self.backbone(**features).last_hidden_state  # (B, T, H)
+            return self._head(mean_pool(token_embeddings, features["attention_mask"]))  # (B, D)
+        hidden_states = self.backbone(**features, output_hidden_states=True).hidden_states[1:]  # L × (B, T, H)
+        pooled = [mean_pool(h, features["attention_mask"]) for h in hidden_states]
+        return self._head(torch.stack(pooled, dim=1))  # (B, L, D)
+
+    def _head(self, x: Tensor) -> Tensor:
         if self.dense is not None:
-            x = self.activation(self.dense(x))  # (B, D)
+            x = self.activation(self.dense(x))  # (..., D)
         return F.normalize(x, dim=-1) if self.normalize else x
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 64, truncate_dim: int | None = None, normalize: bool = True,
-               show_progress: bool = False) -> Tensor:
+               show_progress: bool = False, n_layers: int | None = None) -> Tensor:
         """Embed `texts` -> float32 (N, truncate_dim or embedding_dim) tensor on the CPU, in input order.
 
         Texts are batched longest first (less padding), then put back in input order. Truncation to the
         first `truncate_dim` dims happens before the (re-)normalisation, so a truncated embedding is unit-length
-        when normalize=True.
+        when normalize=True. n_layers=k embeds with the output of the backbone's first k layers (for models
+        trained with 2D Matryoshka); default: all layers.
         """
         if isinstance(texts, str):
             raise TypeError("encode expects a list of texts, got a single string")
         if truncate_dim is not None and not 0 < truncate_dim <= self.embedding_dim:
             raise ValueError(f"truncate_dim: must be in 1..{self.embedding_dim}, got {truncate_dim}")
+        if n_layers is not None and not 0 < n_layers <= self.num_layers:
+            raise ValueError(f"n_layers: must be in 1..{self.num_layers}, got {n_layers}")
         was_training, device = self.training, next(self.parameters()).device
         self.eval()
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         chunks = []
         for start in tqdm(range(0, len(texts), batch_size), desc="encode", disable=not show_progress):
             features = self.tokenize([texts[i] for i in order[start:start + batch_size]])
-            chunks.append(self(({k: v.to(device) for k, v in features.items()})).float().cpu())
+            features = {k: v.to(device) for k, v in features.items()}
+            embeddings = self(features) if n_layers is None else self(features, all_layers=True)[:, n_layers - 1]
+            chunks.append(embeddings.float().cpu())
         self.train(was_training)
         if not chunks:
             return torch.empty(0, truncate_dim or self.embedding_dim)

@@ -19,11 +19,12 @@ def sts_spearman_by_dim(a: Tensor, b: Tensor, gold: Tensor | list[float], dims: 
     return scores
 
 
-def evaluate_sts(encoder, table, dims: list[int], batch_size: int = 128, show_progress: bool = False
-                 ) -> dict[int, float]:
+def evaluate_sts(encoder, table, dims: list[int], batch_size: int = 128, show_progress: bool = False,
+                 n_layers: int | None = None) -> dict[int, float]:
     """STS evaluation of `encoder` on a table of (sentence1, sentence2, label) at every dim in `dims`.
 
     Each distinct sentence is encoded once at full width; every dim is then a slice of those vectors.
+    n_layers=k scores the embeddings of the backbone's first k layers (2D Matryoshka).
     """
     from .data import LABEL, text_columns  # the table layout of mrl.data
 
@@ -31,7 +32,8 @@ def evaluate_sts(encoder, table, dims: list[int], batch_size: int = 128, show_pr
     s1, s2 = list(table[first]), list(table[second])
     unique = list(dict.fromkeys(s1 + s2))
     index = {s: i for i, s in enumerate(unique)}
-    embeddings = encoder.encode(unique, batch_size=batch_size, normalize=False, show_progress=show_progress)
+    embeddings = encoder.encode(unique, batch_size=batch_size, normalize=False, show_progress=show_progress,
+                                n_layers=n_layers)
     a = embeddings[[index[s] for s in s1]]  # (N, D)
     b = embeddings[[index[s] for s in s2]]  # (N, D)
     return sts_spearman_by_dim(a, b, list(table[LABEL]), dims)

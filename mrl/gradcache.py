@@ -43,11 +43,11 @@ def chunk_features(features: dict[str, Tensor], rows: slice) -> dict[str, Tensor
     return {k: v[:, :length] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v for k, v in chunk.items()}
 
 
-def cached_backward(model, features: dict[str, Tensor], n_columns: int, loss_fn, chunk_size: int, backward,
+def cached_backward(embed, features: dict[str, Tensor], n_columns: int, loss_fn, chunk_size: int, backward,
                     no_sync=None) -> tuple[Tensor, dict]:
-    """One GradCache step: gradients of loss_fn on model(features) accumulate in the parameters.
+    """One GradCache step: gradients of loss_fn on embed(features) accumulate in the parameters.
 
-    features: a tokenised, column-major batch (n_columns · B rows, as mrl.data.Collator makes it);
+    embed: features -> embeddings, e.g. the (DDP-wrapped) encoder, (n, ...) out for n rows in; features: a tokenised, column-major batch (n_columns · B rows, as mrl.data.Collator makes it);
     loss_fn(embeddings: list of n_columns (B, D) tensors) -> (loss, per_dim), e.g. a MatryoshkaLoss with
     its labels bound; backward(loss): loss.backward or accelerator.backward (which scales for gradient
     accumulation and fp16); no_sync(): DDP's no_sync context, used for every chunk but the last so that
@@ -61,8 +61,8 @@ def cached_backward(model, features: dict[str, Tensor], n_columns: int, loss_fn,
     with torch.no_grad():
         for rows in chunks:
             states.append(RngState(device))
-            pieces.append(model(chunk_features(features, rows)))
-    cached = torch.cat(pieces).detach().requires_grad_()  # (n_columns · B, D)
+            pieces.append(embed(chunk_features(features, rows)))
+    cached = torch.cat(pieces).detach().requires_grad_()  # (n_columns · B, ...)
 
     loss, per_dim = loss_fn(list(cached.chunk(n_columns)))  # phase 2: the loss and ∂L/∂E
     backward(loss)
@@ -71,6 +71,6 @@ def cached_backward(model, features: dict[str, Tensor], n_columns: int, loss_fn,
     for i, (rows, state) in enumerate(zip(chunks, states)):  # phase 3: re-embed with a graph, push ∂L/∂E back
         sync_context = no_sync() if no_sync is not None and i < len(chunks) - 1 else nullcontext()
         with sync_context, state.replay():
-            embeddings = model(chunk_features(features, rows))
+            embeddings = embed(chunk_features(features, rows))
             torch.autograd.backward(embeddings, grad_tensors=grad[rows].to(embeddings.dtype))
     return loss.detach(), per_dim

@@ -81,3 +81,55 @@ class MatryoshkaLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dims={self.dims}, weights={self.weights}, n_dims_per_step={self.n_dims_per_step}"
+
+
+class Matryoshka2dLoss(nn.Module):
+    """2D Matryoshka (Li et al., 2024, "2D Matryoshka Sentence Embeddings"): nested dims AND nested depth.
+
+    Takes the columns of `Encoder(features, all_layers=True)`, each (B, L, D), where [:, l-1] is the embedding
+    pooled from the first l layers. Each step trains the last layer and n_layers_per_step earlier layers S,
+    drawn at random from 1..L-1:
+
+        L_2D = L_M(e^L) + Σ_{l ∈ S} [ w_layer · L_M(e^l) + w_kl · KL( P^L ‖ P^l ) ]
+
+    L_M is the Matryoshka loss (every dim); P^l_i = softmax_j( cos(q^l_i, c^l_j) / τ ), each anchor's
+    distribution over the batch's candidates (the other columns), at full width; the final layer's P^L is the
+    teacher, detached, and the KL is averaged over anchors. Nothing here touches the model, so it runs under
+    DDP unchanged (the layers come from one forward's hidden states).
+    """
+
+    def __init__(self, matryoshka: MatryoshkaLoss, n_layers_per_step: int = 1, layer_weight: float = 1.0,
+                 kl_weight: float = 1.0, kl_temperature: float = 0.3):
+        super().__init__()
+        self.matryoshka = matryoshka
+        self.n_layers_per_step, self.layer_weight = n_layers_per_step, layer_weight
+        self.kl_weight, self.kl_temperature = kl_weight, kl_temperature
+
+    def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, rows: Tensor | None = None,
+                **loss_kwargs) -> tuple[Tensor, dict]:
+        n_layers = embeddings[0].shape[1]
+        if not 1 <= self.n_layers_per_step < n_layers:
+            raise ValueError(f"loss.n_layers_per_step: must be in 1..{n_layers - 1} for a {n_layers}-layer model, "
+                             f"got {self.n_layers_per_step}")
+        if rows is not None:
+            loss_kwargs["rows"] = rows
+        final = [e[:, -1] for e in embeddings]
+        total, per_dim = self.matryoshka(final, labels, **loss_kwargs)
+        teacher = self._log_distribution(final, rows).detach()
+        for layer in sorted(random.sample(range(1, n_layers), self.n_layers_per_step)):
+            columns = [e[:, layer - 1] for e in embeddings]
+            layer_loss, _ = self.matryoshka(columns, labels, **loss_kwargs)
+            student = self._log_distribution(columns, rows)
+            kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")  # Σ P^L (log P^L − log P^l) / b
+            total = total + self.layer_weight * layer_loss + self.kl_weight * kl
+            per_dim[f"layer{layer}"], per_dim[f"kl_layer{layer}"] = layer_loss.detach(), kl.detach()
+        return total, per_dim
+
+    def _log_distribution(self, columns: list[Tensor], rows: Tensor | None) -> Tensor:
+        q, candidates = F.normalize(columns[0], dim=-1), F.normalize(torch.cat(columns[1:]), dim=-1)
+        q = q if rows is None else q[rows]
+        return F.log_softmax(q @ candidates.T / self.kl_temperature, dim=-1)  # (b, C)
+
+    def extra_repr(self) -> str:
+        return (f"n_layers_per_step={self.n_layers_per_step}, layer_weight={self.layer_weight}, "
+                f"kl_weight={self.kl_weight}, kl_temperature={self.kl_temperature}")

@@ -128,6 +128,28 @@ def test_two_process_contrastive_run_with_cross_device_negatives_and_gradcache(t
     assert results["train"]["processes"] == 2 and results["train"]["samples"] == 2 * 16 * 2
 
 
+def test_two_process_2d_matryoshka_run(tmp_path, tiny_model_dir):
+    """The 2D recipe under DDP (the reference breaks there), with GradCache and per-layer evaluation."""
+    if not (SHARED / "data" / "nli").is_dir():
+        pytest.skip("no NLI triplets in ../shared")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    args = [*launcher, "train.py", "--config", "configs/nli-2d-matryoshka.yaml", "--set", f"model.name={tiny_model_dir}",
+            "--set", "loss.dims=[32,16,8]", "--set", "train.mixed_precision=no", "--set", "train.max_steps=2",
+            "--set", "train.batch_size=8", "--set", "train.cache_chunk_size=8", "--set", "eval.layers=[1]",
+            "--set", "log.every=1", "--set", "log.with=tensorboard",
+            "--set", "eval.dev={path: sentence-transformers/stsb, split: 'validation[:50]'}",
+            "--set", "eval.test=null", "--set", f"output_dir={tmp_path}/run"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["train"]["processes"] == 2
+    assert set(results["dev"]["after training, 1 layers"]) == {"32", "16", "8"}
+    scalars = read_scalars(tmp_path / "run")
+    assert "train/loss/layer1" in scalars and "train/loss/kl_layer1" in scalars  # the tiny model has 2 layers
+    assert "eval/dev/spearman/layers1/d16" in scalars
+
+
 @pytest.mark.integration
 def test_matryoshka_training_raises_dim_16_dev_spearman(tmp_path, minilm_dir):
     """The real model on real data: a few dozen steps of the default recipe (CoSENT in Matryoshka 384..8 on
