@@ -82,13 +82,16 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 64, truncate_dim: int | None = None, normalize: bool = True,
-               show_progress: bool = False, n_layers: int | None = None) -> Tensor:
+               show_progress: bool = False, n_layers: int | None = None, layer_norm: bool = False) -> Tensor:
         """Embed `texts` -> float32 (N, truncate_dim or embedding_dim) tensor on the CPU, in input order.
 
         Texts are batched longest first (less padding), then put back in input order. Truncation to the
         first `truncate_dim` dims happens before the (re-)normalisation, so a truncated embedding is unit-length
         when normalize=True. n_layers=k embeds with the output of the backbone's first k layers (for models
-        trained with 2D Matryoshka); default: all layers.
+        trained with 2D Matryoshka); default: all layers. layer_norm=True applies a (parameter-free) layer norm
+        over the full width before truncating, as some published Matryoshka models were trained (e.g.
+        nomic-embed-text-v1.5); layer norm ignores the scale, so it is the same before or after the model's
+        own normalisation.
         """
         if isinstance(texts, str):
             raise TypeError("encode expects a list of texts, got a single string")
@@ -111,6 +114,8 @@ class Encoder(nn.Module):
         sorted_embeddings = torch.cat(chunks)
         embeddings = torch.empty_like(sorted_embeddings)
         embeddings[torch.tensor(order)] = sorted_embeddings  # undo the length sort
+        if layer_norm:
+            embeddings = F.layer_norm(embeddings, embeddings.shape[-1:])
         embeddings = embeddings[:, :truncate_dim]
         return F.normalize(embeddings, dim=-1) if normalize else embeddings
 

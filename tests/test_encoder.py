@@ -420,3 +420,15 @@ def test_model_saved_by_sentence_transformers_loads(tiny_model_dir, tmp_path, va
     loaded = Encoder.from_pretrained(str(tmp_path / "by-st"))
     assert loaded.embedding_dim == encoder.embedding_dim and loaded.normalize == encoder.normalize
     torch.testing.assert_close(loaded.encode(TEXTS), encoder.encode(TEXTS), rtol=0, atol=1e-6)
+
+
+def test_encode_layer_norm_before_truncation(tiny_encoder):
+    texts = ["a man plays a guitar", "a dog runs", "rain"]
+    with torch.no_grad():  # a random BERT's outputs have mean 0 (its last LayerNorm has bias 0): shift them
+        final_norm = tiny_encoder.backbone.encoder.layer[-1].output.LayerNorm
+        final_norm.bias.add_(torch.randn(final_norm.bias.shape, generator=torch.Generator().manual_seed(0)))
+    raw = tiny_encoder.encode(texts, normalize=False)
+    by_hand = (raw - raw.mean(-1, keepdim=True)) / torch.sqrt(raw.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    expected = torch.nn.functional.normalize(by_hand[:, :8], dim=-1)
+    torch.testing.assert_close(tiny_encoder.encode(texts, truncate_dim=8, layer_norm=True), expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(tiny_encoder.encode(texts, truncate_dim=8), expected, atol=1e-3)

@@ -1,0 +1,227 @@
+"""Retrieval with nested embeddings: exact search at any dim, funnel search, quantised search, and the metrics.
+
+Embeddings here are float tensors at full width; a dim d means the first d columns, re-normalised, exactly as
+in training (mrl.matryoshka) and in STS evaluation (mrl.evaluation). Relevance judgements (qrels) are
+{query_id: {doc_id: grade}}, as in BEIR (corpus.jsonl, queries.jsonl, qrels/<split>.tsv; see load_beir).
+"""
+
+import csv
+import gzip
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+METRICS = ("ndcg@10", "mrr@10", "recall@10", "recall@100")
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RetrievalSet:
+    """Queries, a corpus and qrels, with the ids in a fixed order (row i of an embedding matrix is ids[i])."""
+    query_ids: list[str]
+    queries: list[str]
+    doc_ids: list[str]
+    docs: list[str]
+    qrels: dict[str, dict[str, int]]
+
+
+def load_beir(folder: str, split: str = "test") -> RetrievalSet:
+    """A BEIR folder: corpus.jsonl ({_id, title, text}), queries.jsonl ({_id, text}), qrels/<split>.tsv
+    (query-id, corpus-id, score, with a header). Queries without a judgement are left out."""
+    def read_jsonl(name):
+        path = os.path.join(folder, name)
+        opener = gzip.open if not os.path.exists(path) and os.path.exists(path + ".gz") else open
+        with opener(path if opener is open else path + ".gz", "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    qrels: dict[str, dict[str, int]] = {}
+    with open(os.path.join(folder, "qrels", f"{split}.tsv"), encoding="utf-8") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
+    corpus = read_jsonl("corpus.jsonl")
+    queries = [q for q in read_jsonl("queries.jsonl") if q["_id"] in qrels]
+    return RetrievalSet([q["_id"] for q in queries], [q["text"] for q in queries], [d["_id"] for d in corpus],
+                        [(d.get("title", "") + " " + d["text"]).strip() for d in corpus], qrels)
+
+
+def nli_retrieval_set(triplet_files: list[str], n_queries: int = 1000) -> RetrievalSet:
+    """A retrieval test set from NLI triplets: the last `n_queries` distinct anchors (premises) of the files are
+    the queries; the corpus is every distinct positive and negative hypothesis of all the files; a query's
+    relevant documents are its entailments (its positives, grade 1). Contradictions of the same premise are
+    in the corpus as hard distractors."""
+    rows = []
+    for path in triplet_files:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    docs = list(dict.fromkeys(t for r in rows for t in (r["positive"], r["negative"])))
+    doc_id = {t: f"d{i}" for i, t in enumerate(docs)}
+    entailments: dict[str, set[str]] = {}
+    for r in rows:
+        entailments.setdefault(r["anchor"], set()).add(doc_id[r["positive"]])
+    anchors = list(entailments)[-n_queries:]
+    query_ids = [f"q{i}" for i in range(len(anchors))]
+    qrels = {q: {d: 1 for d in sorted(entailments[a])} for q, a in zip(query_ids, anchors)}
+    return RetrievalSet(query_ids, anchors, [doc_id[t] for t in docs], docs, qrels)
+
+
+# --- metrics -------------------------------------------------------------------------------------------------------
+
+def ndcg_at_k(ranked: list[str], relevant: dict[str, int], k: int = 10) -> float:
+    """Σ_{i<k} (2^g_i − 1)/log2(i+2), divided by the same sum for the ideal order of the judged grades."""
+    dcg = sum((2 ** relevant.get(d, 0) - 1) / math.log2(i + 2) for i, d in enumerate(ranked[:k]))
+    ideal = sorted(relevant.values(), reverse=True)[:k]
+    idcg = sum((2 ** g - 1) / math.log2(i + 2) for i, g in enumerate(ideal))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def mrr_at_k(ranked: list[str], relevant: dict[str, int], k: int = 10) -> float:
+    """1 / rank of the first relevant document within the top k, else 0."""
+    return next((1.0 / (i + 1) for i, d in enumerate(ranked[:k]) if relevant.get(d, 0) > 0), 0.0)
+
+
+def recall_at_k(ranked: list[str], relevant: dict[str, int], k: int) -> float:
+    """Share of the relevant documents found in the top k."""
+    positives = {d for d, g in relevant.items() if g > 0}
+    return len(positives.intersection(ranked[:k])) / len(positives) if positives else 0.0
+
+
+def retrieval_metrics(rankings: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict[str, float]:
+    """Mean nDCG@10, MRR@10, Recall@10 and Recall@100 (×100) over the queries of `rankings`."""
+    per_query = [(ndcg_at_k(r, qrels[q]), mrr_at_k(r, qrels[q]), recall_at_k(r, qrels[q], 10),
+                  recall_at_k(r, qrels[q], 100)) for q, r in rankings.items()]
+    return {name: 100 * sum(v[i] for v in per_query) / len(per_query) for i, name in enumerate(METRICS)}
+
+
+# --- search --------------------------------------------------------------------------------------------------------
+
+def prefix(x: Tensor, d: int) -> Tensor:
+    """The first d dims, re-normalised (contiguous, so a search over it reads d floats per vector)."""
+    return F.normalize(x[:, :d].float(), dim=-1).contiguous()
+
+
+def top_k(queries: Tensor, corpus: Tensor, k: int, chunk_size: int = 262_144) -> tuple[Tensor, Tensor]:
+    """Exact maximum inner product search: (Q, k) scores and corpus indices, best first.
+
+    The corpus is scanned in chunks of `chunk_size` rows, keeping a running top k, so memory is
+    Q × chunk_size scores however large the corpus (1M × 768 fits).
+    """
+    k = min(k, len(corpus))
+    best_scores = queries.new_full((len(queries), 0), float("-inf"))
+    best_index = torch.empty(len(queries), 0, dtype=torch.long, device=queries.device)
+    for start in range(0, len(corpus), chunk_size):
+        scores = queries @ corpus[start:start + chunk_size].T  # (Q, chunk)
+        chunk_scores, chunk_index = scores.topk(min(k, scores.shape[1]), dim=1)
+        merged_scores = torch.cat([best_scores, chunk_scores], dim=1)
+        merged_index = torch.cat([best_index, chunk_index + start], dim=1)
+        best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+        best_index = merged_index.gather(1, order)
+    return best_scores, best_index
+
+
+def rerank(queries: Tensor, corpus: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Score only the (Q, n) candidate rows of corpus for each query and keep the best k: (Q, k), (Q, k)."""
+    scores = torch.einsum("qd,qnd->qn", queries, corpus[candidates])  # (Q, n)
+    best_scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
+    return best_scores, candidates.gather(1, order)
+
+
+class FunnelIndex:
+    """A corpus kept as re-normalised prefixes, one contiguous matrix per dim of the funnel's stages.
+
+    search(queries, stages=[(48, 1000), (256, 100), (768, 10)]): exact search with the first 48 dims keeps
+    1000 candidates per query, re-scored with 256 dims to keep 100, re-scored with 768 dims to keep 10.
+    Cost per query: N·d₁ + Σ_i keep_{i-1}·d_i multiply-adds, instead of N·D for exact full-width search.
+    """
+
+    def __init__(self, corpus: Tensor, dims: list[int]):
+        self.size = len(corpus)
+        self.prefixes = {d: prefix(corpus, d) for d in sorted(set(dims))}
+
+    def search(self, queries: Tensor, stages: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        (dim, keep), later = stages[0], stages[1:]
+        scores, index = top_k(prefix(queries, dim), self.prefixes[dim], keep)
+        for dim, keep in later:
+            scores, index = rerank(prefix(queries, dim), self.prefixes[dim], index, keep)
+        return scores, index
+
+    def flops_per_query(self, stages: list[tuple[int, int]]) -> int:
+        """Multiply-adds × 2 of the scoring (the top-k selections are not counted)."""
+        first_dim = stages[0][0]
+        cost = self.size * first_dim
+        for (_, keep_before), (dim, _) in zip(stages, stages[1:]):
+            cost += min(keep_before, self.size) * dim
+        return 2 * cost
+
+
+# --- quantisation --------------------------------------------------------------------------------------------------
+
+def int8_scales(corpus: Tensor) -> Tensor:
+    """Per-dim scale s_c = max_i |x_ic| / 127, calibrated on the corpus (symmetric ranges)."""
+    return corpus.abs().amax(0).clamp_min(1e-12) / 127
+
+
+def quantize_int8(x: Tensor, scales: Tensor) -> Tensor:
+    """x ≈ codes · scales, codes int8 in [-127, 127]: d bytes per vector (the scales are shared)."""
+    return (x / scales).round().clamp(-127, 127).to(torch.int8)
+
+
+def quantize_binary(x: Tensor) -> Tensor:
+    """The sign of each dim, packed 8 per byte: ceil(d/8) bytes per vector. Bit 1 means x > 0."""
+    bits = (x > 0).to(torch.uint8)
+    bits = F.pad(bits, (0, (-bits.shape[1]) % 8))
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=x.device)
+    return (bits.view(len(x), -1, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_signs(packed: Tensor, d: int) -> Tensor:
+    """Packed bits -> (n, d) ±1 float vectors; ±1 · ±1ᵀ = d − 2·Hamming distance."""
+    shifts = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(1)[:, :d].float() * 2 - 1
+
+
+def storage_bytes(kind: str, d: int) -> int:
+    return {"float32": 4 * d, "int8": d, "binary": math.ceil(d / 8)}[kind]
+
+
+def quantized_search(queries: Tensor, corpus: Tensor, d: int, kind: str, k: int = 100, rescore: int = 0
+                     ) -> tuple[Tensor, Tensor]:
+    """Search the first d dims of a corpus stored as float32, int8 or binary codes.
+
+    float32: exact cosine. int8: float queries against dequantised codes (asymmetric scoring). binary:
+    Hamming similarity of the signs; with rescore=r, the best r·k by Hamming are re-scored with the float
+    query against the float corpus vectors (kept off the search path, e.g. on disk) and the best k kept.
+    """
+    q, c = prefix(queries, d), prefix(corpus, d)
+    if kind == "float32":
+        return top_k(q, c, k)
+    if kind == "int8":
+        scales = int8_scales(c)
+        return top_k(q, quantize_int8(c, scales).float() * scales, k)
+    if kind == "binary":
+        scores, index = top_k(unpack_signs(quantize_binary(q), d), unpack_signs(quantize_binary(c), d),
+                              max(k, rescore * k))
+        return rerank(q, c, index, k) if rescore else (scores[:, :k], index[:, :k])
+    raise ValueError(f"kind: expected float32, int8 or binary, got {kind!r}")
+
+
+# --- per-dim evaluation --------------------------------------------------------------------------------------------
+
+def rankings_from(index: Tensor, data: RetrievalSet) -> dict[str, list[str]]:
+    return {q: [data.doc_ids[i] for i in row] for q, row in zip(data.query_ids, index.tolist())}
+
+
+def evaluate_retrieval(query_embeddings: Tensor, doc_embeddings: Tensor, data: RetrievalSet, dims: list[int]
+                       ) -> dict[int, dict[str, float]]:
+    """{dim: {metric: value ×100}}: exact search with the first d dims of full-width embeddings, for each d."""
+    results = {}
+    for d in sorted(dims, reverse=True):
+        _, index = top_k(prefix(query_embeddings, d), prefix(doc_embeddings, d), 100)
+        results[d] = retrieval_metrics(rankings_from(index, data), data.qrels)
+    return results
