@@ -20,7 +20,7 @@ def sts_spearman_by_dim(a: Tensor, b: Tensor, gold: Tensor | list[float], dims: 
 
 
 def evaluate_sts(encoder, table, dims: list[int], batch_size: int = 128, show_progress: bool = False,
-                 n_layers: int | None = None) -> dict[int, float]:
+                 n_layers: int | None = None, layer_norm: bool = False) -> dict[int, float]:
     """STS evaluation of `encoder` on a table of (sentence1, sentence2, label) at every dim in `dims`.
 
     Each distinct sentence is encoded once at full width; every dim is then a slice of those vectors.
@@ -33,7 +33,7 @@ def evaluate_sts(encoder, table, dims: list[int], batch_size: int = 128, show_pr
     unique = list(dict.fromkeys(s1 + s2))
     index = {s: i for i, s in enumerate(unique)}
     embeddings = encoder.encode(unique, batch_size=batch_size, normalize=False, show_progress=show_progress,
-                                n_layers=n_layers)
+                                n_layers=n_layers, layer_norm=layer_norm)
     a = embeddings[[index[s] for s in s1]]  # (N, D)
     b = embeddings[[index[s] for s in s2]]  # (N, D)
     return sts_spearman_by_dim(a, b, list(table[LABEL]), dims)
