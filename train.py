@@ -116,10 +116,11 @@ def compute_loss(embeddings: list[torch.Tensor], labels) -> tuple[torch.Tensor, 
         return loss_fn(all_columns, labels, rows=own_rows)
     return loss_fn(embeddings, labels)
 
+
 # -- optimiser and schedule (no weight decay on biases and LayerNorm weights, as in BERT)
-trained = [p for p in model.parameters() if p.requires_grad]
-decay = [p for p in trained if p.ndim >= 2]
-no_decay = [p for p in trained if p.ndim < 2]
+trainable = [p for p in model.parameters() if p.requires_grad]
+decay = [p for p in trainable if p.ndim >= 2]
+no_decay = [p for p in trainable if p.ndim < 2]
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr)
 steps_per_epoch = math.ceil(len(loader) / (accelerator.num_processes * cfg.train.grad_accum))
