@@ -257,7 +257,8 @@ for split in eval_tables:
         accelerator.log({f"eval/{split}/spearman/layers{n_layers}/d{d}": s for d, s in scores.items()},
                         step=progress.step)
 results["train"] = {"steps": progress.step - start_step, "processes": accelerator.num_processes, "samples": samples, "seconds": round(train_seconds, 1),
-                    "samples_per_second": round(samples / max(train_seconds, 1e-9), 1)}
+                    "samples_per_second": round(samples / max(train_seconds, 1e-9), 1),
+                    "peak_cuda_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None}
 if accelerator.is_main_process:
     trained = accelerator.unwrap_model(model)
     trained.save(os.path.join(cfg.output_dir, "model"), matryoshka_dims=cfg.loss.dims if cfg.loss.matryoshka else None)

@@ -42,13 +42,28 @@ def test_dim_larger_than_model_fails_before_training(tmp_path, tiny_model_dir):
     assert not (tmp_path / "run" / "results.json").exists()
 
 
-def launch_train(tmp_path, model_dir, *overrides, processes=2):
-    """run_train's arguments, through `accelerate launch --multi_gpu --num_processes N` on the CPU (torchrun
-    underneath; train.py joins the processes in a gloo group). `accelerate launch --cpu --num_processes N`
-    would start one process only: Accelerate's CPU launcher is single-process without MPI."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return run_train(tmp_path, model_dir, *overrides, launcher=launcher)
+# `accelerate launch --multi_gpu --num_processes 2` on the CPU: torchrun underneath, and train.py joins the processes
+# in a gloo group. (`accelerate launch --cpu --num_processes N` would start one process: Accelerate's CPU launcher
+# is single-process without MPI.)
+TWO_PROCESSES = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+
+
+def launch_train(tmp_path, model_dir, *overrides):
+    """run_train, in 2 processes."""
+    return run_train(tmp_path, model_dir, *overrides, launcher=TWO_PROCESSES)
+
+
+def run_nli_recipe(tmp_path, config, model_dir, *overrides, launcher=(sys.executable,)):
+    """An NLI config as written (hub ids: the triplets and STS-B come from ../shared through configs/mirror.yaml),
+    on the tiny model for 2 steps, evaluated on 50 STS-B dev pairs."""
+    if not (SHARED / "data" / "nli").is_dir():
+        pytest.skip("no NLI triplets in ../shared")
+    settings = [f"model.name={model_dir}", "loss.dims=[32,16,8]", "train.mixed_precision=no", "train.max_steps=2",
+                "eval.dev={path: sentence-transformers/stsb, split: 'validation[:50]'}", "eval.test=null",
+                f"output_dir={tmp_path}/run", *overrides]
+    args = [*launcher, "train.py", "--config", config, *[a for o in settings for a in ("--set", o)]]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def test_two_process_run_writes_one_set_of_outputs(tmp_path, tiny_model_dir):
@@ -95,16 +110,7 @@ def test_resume_really_changes_the_starting_point(tmp_path, tiny_model_dir):
 
 
 def test_nli_recipe_runs_offline_through_the_mirror(tmp_path, tiny_model_dir):
-    """configs/nli-matryoshka.yaml as written (hub ids), with only the model, dims, precision and length of the
-    run overridden: the triplets and STS-B come from ../shared through configs/mirror.yaml."""
-    if not (SHARED / "data" / "nli").is_dir():
-        pytest.skip("no NLI triplets in ../shared")
-    args = [sys.executable, "train.py", "--config", "configs/nli-matryoshka.yaml",
-            "--set", f"model.name={tiny_model_dir}", "--set", "loss.dims=[32,16,8]",
-            "--set", "train.mixed_precision=no", "--set", "train.max_steps=2", "--set", "train.batch_size=16",
-            "--set", "eval.dev={path: sentence-transformers/stsb, split: 'validation[:50]'}",
-            "--set", "eval.test=null", "--set", f"output_dir={tmp_path}/run"]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_nli_recipe(tmp_path, "configs/nli-matryoshka.yaml", tiny_model_dir, "train.batch_size=16")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "text columns ['anchor', 'positive', 'negative']" in proc.stdout
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -112,16 +118,8 @@ def test_nli_recipe_runs_offline_through_the_mirror(tmp_path, tiny_model_dir):
 
 
 def test_two_process_contrastive_run_with_cross_device_negatives_and_gradcache(tmp_path, tiny_model_dir):
-    if not (SHARED / "data" / "nli").is_dir():
-        pytest.skip("no NLI triplets in ../shared")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    args = [*launcher, "train.py", "--config", "configs/nli-matryoshka.yaml", "--set", f"model.name={tiny_model_dir}",
-            "--set", "loss.dims=[32,16,8]", "--set", "train.mixed_precision=no", "--set", "train.max_steps=2",
-            "--set", "train.batch_size=16", "--set", "train.cache_chunk_size=8", "--set", "loss.n_dims_per_step=2",
-            "--set", "eval.dev={path: sentence-transformers/stsb, split: 'validation[:50]'}",
-            "--set", "eval.test=null", "--set", f"output_dir={tmp_path}/run"]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_nli_recipe(tmp_path, "configs/nli-matryoshka.yaml", tiny_model_dir, "train.batch_size=16",
+                          "train.cache_chunk_size=8", "loss.n_dims_per_step=2", launcher=TWO_PROCESSES)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "negatives from all 2 processes, GradCache chunks of 8 texts" in proc.stdout
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -130,17 +128,9 @@ def test_two_process_contrastive_run_with_cross_device_negatives_and_gradcache(t
 
 def test_two_process_2d_matryoshka_run(tmp_path, tiny_model_dir):
     """The 2D recipe under DDP (the reference breaks there), with GradCache and per-layer evaluation."""
-    if not (SHARED / "data" / "nli").is_dir():
-        pytest.skip("no NLI triplets in ../shared")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    args = [*launcher, "train.py", "--config", "configs/nli-2d-matryoshka.yaml", "--set", f"model.name={tiny_model_dir}",
-            "--set", "loss.dims=[32,16,8]", "--set", "train.mixed_precision=no", "--set", "train.max_steps=2",
-            "--set", "train.batch_size=8", "--set", "train.cache_chunk_size=8", "--set", "eval.layers=[1]",
-            "--set", "log.every=1", "--set", "log.with=tensorboard",
-            "--set", "eval.dev={path: sentence-transformers/stsb, split: 'validation[:50]'}",
-            "--set", "eval.test=null", "--set", f"output_dir={tmp_path}/run"]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_nli_recipe(tmp_path, "configs/nli-2d-matryoshka.yaml", tiny_model_dir, "train.batch_size=8",
+                          "train.cache_chunk_size=8", "eval.layers=[1]", "log.every=1", "log.with=tensorboard",
+                          launcher=TWO_PROCESSES)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["train"]["processes"] == 2

@@ -1,0 +1,141 @@
+"""Training throughput of mrl's train.py against the reference trainer (sentence-transformers), side by side.
+
+Both train the same model on the same data with the same batch size, steps, learning rate, warm-up, precision
+and Matryoshka dims (the STS recipe: CoSENT in Matryoshka on STS-B train), one after the other on this machine.
+Reported: samples/s and tokens/s of the training loop (tokens = samples × the mean number of tokens of a
+training pair after truncation), peak memory, the ratio mrl / reference, and STS-B test Spearman ×100 at every
+dim of both trained models, scored by the same evaluator (mrl.evaluation).
+
+    python benchmarks/train_throughput.py --quick            # CPU: 40 steps each
+    python benchmarks/train_throughput.py --epochs 4 --bf16  # the full STS recipe on a GPU
+Model and data are the default config's (hub ids, or local copies through configs/mirror.yaml).
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from mrl.config import load_config  # noqa: E402
+from mrl.data import load_table  # noqa: E402
+from mrl.encoder import Encoder  # noqa: E402
+from mrl.evaluation import evaluate_sts, markdown_table  # noqa: E402
+from mrl.sources import load_mirror, resolve_model  # noqa: E402
+
+
+def peak_memory_mib(device: str, children: bool = False) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return resource.getrusage(who).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_mrl(args, out_dir: str) -> dict:
+    """train.py itself, in a subprocess (its loop is what users run); its own timer covers the loop only."""
+    overrides = [f"output_dir={out_dir}", "eval.dev=null", "eval.test=null", f"train.batch_size={args.batch_size}",
+                 f"train.epochs={args.epochs}", f"train.lr={args.lr}", f"train.seed={args.seed}",
+                 f"train.mixed_precision={'bf16' if args.bf16 else 'no'}", f"loss.matryoshka={not args.plain}"]
+    if args.steps:
+        overrides.append(f"train.max_steps={args.steps}")
+    cmd = [sys.executable, "train.py", *[a for o in overrides for a in ("--set", o)]]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"train.py failed:\n{proc.stderr[-3000:]}")
+    with open(os.path.join(out_dir, "results.json")) as f:
+        train = json.load(f)["train"]
+    return {"samples": train["samples"], "seconds": train["seconds"], "steps": train["steps"],
+            "peak_mib": train["peak_cuda_memory_mib"] if torch.cuda.is_available() else peak_memory_mib("cpu", True),
+            "model": os.path.join(out_dir, "model")}
+
+
+def run_reference(args, model_path: str, train_table, dims: list[int], out_dir: str) -> dict:
+    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
+                                       SentenceTransformerTrainingArguments, losses)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = SentenceTransformer(model_path, device=device)
+    loss = losses.CoSENTLoss(model)
+    if not args.plain:
+        loss = losses.MatryoshkaLoss(model, loss, matryoshka_dims=dims)
+    data = train_table.rename_column("label", "score")
+    training_args = SentenceTransformerTrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
+        max_steps=args.steps or -1, learning_rate=args.lr, warmup_ratio=0.1, seed=args.seed, bf16=args.bf16,
+        save_strategy="no", report_to="none", logging_steps=50, use_cpu=device == "cpu")
+    trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=data, loss=loss)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    steps = trainer.state.global_step
+    model.save(os.path.join(out_dir, "model"))
+    return {"samples": min(steps * args.batch_size, len(data) * args.epochs), "seconds": round(seconds, 1),
+            "steps": steps, "peak_mib": peak_memory_mib(device), "model": os.path.join(out_dir, "model")}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="40 steps each (CPU)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--plain", action="store_true", help="plain CoSENT (no Matryoshka) on both sides")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-reference", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps = args.steps or 40
+
+    cfg = load_config(os.path.join(ROOT, "configs", "default.yaml"), [])
+    mirror = load_mirror(os.path.join(ROOT, cfg.mirror))
+    model_path = resolve_model(cfg.model.name, mirror)
+    train_table = load_table(cfg.data.train, "data.train", True, mirror)
+    test_table = load_table(cfg.eval.test, "eval.test", True, mirror)
+    encoder = Encoder.from_pretrained(model_path)
+    lengths = [len(ids) for column in ("sentence1", "sentence2")
+               for ids in encoder.tokenizer(train_table[column], truncation=True, max_length=encoder.max_seq_length)["input_ids"]]
+    tokens_per_pair = sum(lengths) / len(train_table)
+    dims = cfg.loss.dims
+
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs["mrl"] = run_mrl(args, os.path.join(tmp, "mrl"))
+        if not args.skip_reference:
+            try:
+                runs["sentence-transformers"] = run_reference(args, model_path, train_table, dims,
+                                                              os.path.join(tmp, "reference"))
+            except ImportError:
+                print("sentence-transformers is not installed: the reference run is skipped")
+        quality = {name: evaluate_sts(Encoder.from_pretrained(run["model"]).to(
+            "cuda" if torch.cuda.is_available() else "cpu"), test_table, dims) for name, run in runs.items()}
+
+    print(f"\n{'plain' if args.plain else 'Matryoshka'} CoSENT, batch {args.batch_size}, "
+          f"{runs['mrl']['steps']} steps, {'bf16' if args.bf16 else 'fp32'}, "
+          f"{'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else f'cpu ({os.cpu_count()} cores)'}; "
+          f"{tokens_per_pair:.1f} tokens per pair\n")
+    print("| trainer | samples/s | tokens/s | peak memory MiB | speed vs reference |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    reference = runs.get("sentence-transformers")
+    for name, run in runs.items():
+        rate = run["samples"] / run["seconds"]
+        ratio = f"{rate / (reference['samples'] / reference['seconds']):.2f}×" if reference else "–"
+        peak = f"{run['peak_mib']:.0f}" if run["peak_mib"] is not None else "–"
+        print(f"| {name} | {rate:.1f} | {rate * tokens_per_pair:.0f} | {peak} | {ratio} |")
+    print("\nSTS-B test Spearman ×100 after training:\n")
+    print(markdown_table(quality))
+
+
+if __name__ == "__main__":
+    main()
