@@ -43,6 +43,7 @@ def main():
     parser.add_argument("--stages", nargs="+", default=None,
                         help="funnels to measure, e.g. 48:1000,256:100,384:10 (default: a few from the model's width)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bf16-shortlist", action="store_true", help="also run every funnel with a bf16 first stage")
     parser.add_argument("--cache", default="runs/funnel_embeddings.pt", help="embeddings cache (per model)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -73,10 +74,16 @@ def main():
 
     stages_list = [parse_stages(s) for s in args.stages] if args.stages else [
         [(48, 1000), (min(256, width), 100), (width, 10)],
-        [(32, 1000), (min(128, width), 100), (width, 10)],
+        [(48, 100), (width, 10)],
+        [(64, 100), (width, 10)],
         [(64, 200), (width, 10)],
-        [(48, 2000), (min(192, width), 200), (width, 10)]]
-    exact_index = FunnelIndex(corpus, [width] + [d for stages in stages_list for d, _ in stages])
+        [(96, 100), (width, 10)]]
+    dims = [width] + [d for stages in stages_list for d, _ in stages]
+    indexes = {"float32": FunnelIndex(corpus, dims)}
+    if args.bf16_shortlist:
+        indexes["bf16"] = FunnelIndex(corpus, dims, shortlist_dtype=torch.bfloat16)
+        indexes["bf16"].prefixes = indexes["float32"].prefixes  # the same float32 prefixes for re-scoring
+    exact_index = indexes["float32"]
     full = exact_index.prefixes[width]
     q_full = prefix(queries, width)
     (exact_scores, exact_top), exact_seconds = timed(lambda: top_k(q_full, full, 10), args.repeats)
@@ -87,12 +94,12 @@ def main():
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     print(f"| exact, {width} dims | {exact_flops / 1e6:.0f}M | {1000 * exact_seconds / len(queries):.3f} | 1.0× | "
           f"100.0% | {exact_metrics['ndcg@10']:.2f} | {exact_metrics['mrr@10']:.2f} |")
-    for stages in stages_list:
-        (_, top), seconds = timed(lambda: exact_index.search(queries, stages), args.repeats)
+    for (shortlist, index), stages in ((i, s) for i in indexes.items() for s in stages_list):
+        (_, top), seconds = timed(lambda: index.search(queries, stages), args.repeats)
         overlap = sum(len(set(a) & set(b)) for a, b in zip(top.tolist(), exact_top.tolist())) / exact_top.numel()
         metrics = retrieval_metrics(rankings_from(top, data), data.qrels)
-        name = " → ".join(f"{d}d keep {k}" for d, k in stages)
-        print(f"| funnel {name} | {exact_index.flops_per_query(stages) / 1e6:.0f}M | "
+        name = " → ".join(f"{d}d keep {k}" for d, k in stages) + f" ({shortlist} shortlist)"
+        print(f"| funnel {name} | {index.flops_per_query(stages) / 1e6:.0f}M | "
               f"{1000 * seconds / len(queries):.3f} | {exact_seconds / seconds:.1f}× | {100 * overlap:.1f}% | "
               f"{metrics['ndcg@10']:.2f} | {metrics['mrr@10']:.2f} |")
 

@@ -131,3 +131,11 @@ def test_nli_retrieval_set_from_shared():
         positives.setdefault(r["anchor"], set()).add(r["positive"])
     for q, anchor in zip(data.query_ids, data.queries):
         assert {text[d] for d in data.qrels[q]} == positives[anchor]
+
+
+def test_bf16_shortlist_keeps_the_float32_order_of_its_survivors():
+    q, c = random_unit(6, 64, 11), random_unit(400, 64, 12)
+    exact_scores, exact = top_k(prefix(q, 64), prefix(c, 64), 10)
+    scores, index = FunnelIndex(c, [16, 64], shortlist_dtype=torch.bfloat16).search(q, [(16, 400), (64, 10)])
+    assert torch.equal(index, exact)  # the shortlist keeps everything: only float32 decides
+    assert scores.dtype == torch.float32
