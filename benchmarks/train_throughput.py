@@ -105,7 +105,7 @@ def main():
     test_table = load_table(cfg.eval.test, "eval.test", True, mirror)
     encoder = Encoder.from_pretrained(model_path)
     lengths = [len(ids) for column in ("sentence1", "sentence2")
-               for ids in encoder.tokenizer(train_table[column], truncation=True, max_length=encoder.max_seq_length)["input_ids"]]
+               for ids in encoder.tokenizer(list(train_table[column]), truncation=True, max_length=encoder.max_seq_length)["input_ids"]]
     tokens_per_pair = sum(lengths) / len(train_table)
     dims = cfg.loss.dims
 
