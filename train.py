@@ -58,6 +58,8 @@ try:
     model = Encoder.from_pretrained(model_path, max_seq_length=cfg.model.max_seq_length, normalize=cfg.model.normalize,
                                     dense_dim=cfg.model.dense_dim, dense_activation=cfg.model.dense_activation)
 except OSError as error:  # what transformers raises for a hub id it cannot reach
+    if os.path.isdir(model_path):  # a local folder that is broken: transformers' own error says how
+        raise
     raise unreachable("model", cfg.model.name, mirror, error) from error
 check_dims(cfg.loss.dims, embedding_dim=model.embedding_dim, field="loss.dims")
 eval_dims = cfg.eval.dims or cfg.loss.dims
@@ -85,7 +87,8 @@ for split, table in {"train": train_table, **eval_tables}.items():
 
 no_duplicates = cfg.data.no_duplicates if cfg.data.no_duplicates is not None else cfg.loss.name == "contrastive"
 rows = list(zip(*(train_table[c] for c in columns)))
-sampler = BatchSampler(rows, cfg.train.batch_size, no_duplicates, cfg.train.drop_last, cfg.train.seed)
+sampler = BatchSampler(rows, cfg.train.batch_size, no_duplicates, cfg.train.drop_last, cfg.train.seed,
+                       processes=accelerator.num_processes)
 # the loader's own generator: starting an epoch's iterator then draws no number from the global RNG, so dropout
 # after a resume (global RNG restored from the checkpoint) matches the uninterrupted run
 loader = DataLoader(train_table, batch_sampler=sampler, collate_fn=Collator(model.tokenize, columns),
@@ -191,7 +194,7 @@ if not args.resume and eval_tables:  # the starting point, for the before/after 
 
 # -- the loop
 model.train()
-running, n_running = {}, 0  # per-dim loss sums since the last log, kept on the device (no sync per step)
+running, counts = {}, {}  # per-key loss sums and counts since the last log, on the device (no sync per step)
 bar = tqdm(total=total_steps, initial=progress.step, desc="train", disable=not accelerator.is_main_process)
 samples, start_time, start_step = 0, time.perf_counter(), progress.step
 while progress.step < total_steps and progress.epoch < cfg.train.epochs:
@@ -217,9 +220,8 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
             optimizer.zero_grad()
         progress.batch_in_epoch += 1
         samples += len(batch["input_ids"]) // len(columns) * accelerator.num_processes
-        for d, value in {"total": loss.detach(), **per_dim}.items():
-            running[d] = running.get(d, 0.0) + value
-        n_running += 1
+        for d, value in {"total": loss.detach(), **per_dim}.items():  # a dim or layer drawn on some steps only
+            running[d], counts[d] = running.get(d, 0.0) + value, counts.get(d, 0) + 1  # averages its own steps
         if not accelerator.sync_gradients:
             continue
 
@@ -227,11 +229,11 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
         bar.update(1)
         if progress.step % cfg.log.every == 0 or progress.step == total_steps:
             logs = {"train/loss" if d == "total" else f"train/loss/{f'd{d}' if isinstance(d, int) else d}":
-                    (v / n_running).item() for d, v in running.items()}  # .item(): one host sync per log interval
+                    (v / counts[d]).item() for d, v in running.items()}  # .item(): one host sync per log interval
             logs["train/lr"] = scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
             accelerator.log(logs, step=progress.step)
-            running, n_running = {}, 0
+            running, counts = {}, {}
         if cfg.eval.every and progress.step % cfg.eval.every == 0 and progress.step < total_steps and "dev" in eval_tables:
             scores = results["dev_during_training"][progress.step] = evaluate("dev")
             accelerator.log({f"eval/dev/spearman/d{d}": s for d, s in scores.items()}, step=progress.step)
@@ -256,7 +258,8 @@ for split in eval_tables:
         scores = results[split][f"after training, {n_layers} layers"] = evaluate(split, n_layers)
         accelerator.log({f"eval/{split}/spearman/layers{n_layers}/d{d}": s for d, s in scores.items()},
                         step=progress.step)
-results["train"] = {"steps": progress.step - start_step, "processes": accelerator.num_processes, "samples": samples, "seconds": round(train_seconds, 1),
+results["train"] = {"steps": progress.step - start_step, "processes": accelerator.num_processes,
+                    "cross_device": cross_device, "samples": samples, "seconds": round(train_seconds, 1),
                     "samples_per_second": round(samples / max(train_seconds, 1e-9), 1),
                     "peak_cuda_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None}
 if accelerator.is_main_process:

@@ -24,6 +24,7 @@ def model_card(config: dict, results: dict, command: str, embedding_dim: int) ->
     train stats); command: the command line that reproduces the run."""
     model, loss, train, data, evaluation = (config[k] for k in ("model", "loss", "train", "data", "eval"))
     base = model["name"]
+    weight_of = dict(zip(loss["dims"], loss["dim_weights"] or [1.0] * len(loss["dims"])))
     dims = sorted(loss["dims"], reverse=True) if loss["matryoshka"] else [embedding_dim]
     example_dim = min((d for d in dims if d < embedding_dim), default=embedding_dim, key=lambda d: abs(d - 64))
     is_hub_id = not os.path.exists(base) and base.count("/") == 1
@@ -35,7 +36,7 @@ def model_card(config: dict, results: dict, command: str, embedding_dim: int) ->
     header.append("---")
 
     if loss["matryoshka"]:
-        weights = loss["dim_weights"] or [1.0] * len(dims)
+        weights = [weight_of[d] for d in dims]
         objective = (f"`{loss['name']}` loss (scale {loss['scale']:g}) inside a Matryoshka loss over the dims "
                      f"{', '.join(map(str, dims))} (weights {', '.join(f'{w:g}' for w in weights)}"
                      + (f", {loss['n_dims_per_step']} dims sampled per step" if loss["n_dims_per_step"] else "")
@@ -43,6 +44,14 @@ def model_card(config: dict, results: dict, command: str, embedding_dim: int) ->
     else:
         objective = (f"`{loss['name']}` loss (scale {loss['scale']:g}) on the full {embedding_dim}-dim "
                      "embedding only (no Matryoshka loss)")
+    extras = [text for on, text in (
+        (loss.get("two_d"), f"2D Matryoshka: {loss.get('n_layers_per_step')} earlier layer(s) per step, layer weight "
+                            f"{loss.get('layer_weight')}, KL weight {loss.get('kl_weight')} at temperature "
+                            f"{loss.get('kl_temperature')}"),
+        (results.get("train", {}).get("cross_device"), "negatives from every process"),
+        (train.get("cache_chunk_size"), f"GradCache in chunks of {train.get('cache_chunk_size')} texts")) if on]
+    if extras:
+        objective += "; " + "; ".join(extras)
     stats = results.get("train", {})
     rows = {f"{split}, {when}": scores for split in ("dev", "test")
             for when, scores in results.get(split, {}).items() if scores}

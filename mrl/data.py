@@ -83,12 +83,15 @@ class BatchSampler:
     """Shuffled batches of row indices, reshuffled every epoch from (seed, epoch) so a resumed run sees the same
     batches. With no_duplicates, a text never appears twice in one batch: a repeated text would be an in-batch
     negative of itself (a false negative). Rows that would repeat a text wait for a later batch, in order.
+
+    processes=P: the P consecutive batches that Accelerate deals to P processes for one step are cut from one
+    duplicate-free batch of P·batch_size rows, so cross-device negatives hold no false negative either.
     """
 
     def __init__(self, rows: list[tuple[str, ...]], batch_size: int, no_duplicates: bool = False,
-                 drop_last: bool = False, seed: int = 0):
+                 drop_last: bool = False, seed: int = 0, processes: int = 1):
         self.rows, self.batch_size, self.no_duplicates = rows, batch_size, no_duplicates
-        self.drop_last, self.seed, self.epoch = drop_last, seed, 0
+        self.drop_last, self.seed, self.epoch, self.processes = drop_last, seed, 0, processes
         self._len_cache = {}
 
     def set_epoch(self, epoch: int) -> None:
@@ -100,13 +103,24 @@ class BatchSampler:
         if not self.no_duplicates:
             batches = (order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size))
         else:
-            batches = self._unique_text_batches(order)
+            step_size = self.batch_size * self.processes  # one duplicate-free batch per step, cut in P
+            batches = (part for step in self._unique_text_batches(order, step_size)
+                       for part in self._split(step, self.processes))
         for batch in batches:
             if len(batch) < self.batch_size and self.drop_last:
                 return
             yield batch
 
-    def _unique_text_batches(self, order: list[int]):
+    @staticmethod
+    def _split(step: list[int], parts: int) -> list[list[int]]:
+        """P contiguous parts, as equal as can be (batch_size each for a full step). A step of fewer rows than
+        processes (only at the end of an epoch whose texts repeat a lot) stays whole."""
+        if len(step) < parts:
+            return [step]
+        cuts = [len(step) * p // parts for p in range(parts + 1)]
+        return [step[a:b] for a, b in zip(cuts, cuts[1:])]
+
+    def _unique_text_batches(self, order: list[int], size: int):
         remaining = dict.fromkeys(order)  # an ordered set
         while remaining:
             batch, seen = [], set()
@@ -114,7 +128,7 @@ class BatchSampler:
                 if seen.isdisjoint(self.rows[i]):
                     batch.append(i)
                     seen.update(self.rows[i])
-                    if len(batch) == self.batch_size:
+                    if len(batch) == size:
                         break
             for i in batch:
                 del remaining[i]

@@ -71,8 +71,9 @@ class Encoder(nn.Module):
         if not all_layers:
             token_embeddings = self.backbone(**features).last_hidden_state  # (B, T, H)
             return self._head(mean_pool(token_embeddings, features["attention_mask"]))  # (B, D)
-        hidden_states = self.backbone(**features, output_hidden_states=True).hidden_states[1:]  # L × (B, T, H)
-        pooled = [mean_pool(h, features["attention_mask"]) for h in hidden_states]
+        outputs = self.backbone(**features, output_hidden_states=True)
+        hidden_states = [*outputs.hidden_states[1:-1], outputs.last_hidden_state]  # L × (B, T, H); the last as
+        pooled = [mean_pool(h, features["attention_mask"]) for h in hidden_states]  # forward() sees it (final norms)
         return self._head(torch.stack(pooled, dim=1))  # (B, L, D)
 
     def _head(self, x: Tensor) -> Tensor:
@@ -89,9 +90,8 @@ class Encoder(nn.Module):
         first `truncate_dim` dims happens before the (re-)normalisation, so a truncated embedding is unit-length
         when normalize=True. n_layers=k embeds with the output of the backbone's first k layers (for models
         trained with 2D Matryoshka); default: all layers. layer_norm=True applies a (parameter-free) layer norm
-        over the full width before truncating, as some published Matryoshka models were trained (e.g.
-        nomic-embed-text-v1.5); layer norm ignores the scale, so it is the same before or after the model's
-        own normalisation.
+        over the full width before truncating, as some published Matryoshka models were trained; layer norm
+        ignores the scale, so it is the same before or after the model's own normalisation.
         """
         if isinstance(texts, str):
             raise TypeError("encode expects a list of texts, got a single string")

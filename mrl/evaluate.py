@@ -168,7 +168,7 @@ def main(argv=None):
     parser.add_argument("--beir-split", default="test")
     parser.add_argument("--nli-triplets", nargs="+", help="NLI triplet files to build a retrieval set from")
     parser.add_argument("--n-queries", type=int, default=1000)
-    parser.add_argument("--dims", type=int, nargs="+", help="default: the width and its halvings down to 8")
+    parser.add_argument("--dims", type=int, nargs="+", help="default: the width, its halvings while >= 8, and 512..8 below the width")
     parser.add_argument("--n-layers", type=int, help="embed with the first n layers (2D Matryoshka models)")
     parser.add_argument("--layer-norm", action="store_true", help="layer norm before truncation")
     parser.add_argument("--quantization", action="store_true", help="float32 / int8 / binary table per dim")

@@ -21,6 +21,8 @@ class RngState:
     """The CPU and (if used) CUDA random state at one moment, to replay dropout masks exactly."""
 
     def __init__(self, device: torch.device):
+        if device.type not in ("cpu", "cuda"):
+            raise NotImplementedError(f"GradCache replays dropout on cpu and cuda only, not {device.type}")
         self.device = device
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None

@@ -73,10 +73,11 @@ def nli_retrieval_set(triplet_files: list[str], n_queries: int = 1000) -> Retrie
 # --- metrics -------------------------------------------------------------------------------------------------------
 
 def ndcg_at_k(ranked: list[str], relevant: dict[str, int], k: int = 10) -> float:
-    """Σ_{i<k} (2^g_i − 1)/log2(i+2), divided by the same sum for the ideal order of the judged grades."""
-    dcg = sum((2 ** relevant.get(d, 0) - 1) / math.log2(i + 2) for i, d in enumerate(ranked[:k]))
+    """Σ_{i<k} g_i/log2(i+2), divided by the same sum for the ideal order of the judged grades (linear gains,
+    as pytrec_eval, BEIR and MTEB compute it, so graded sets give comparable numbers)."""
+    dcg = sum(relevant.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranked[:k]))
     ideal = sorted(relevant.values(), reverse=True)[:k]
-    idcg = sum((2 ** g - 1) / math.log2(i + 2) for i, g in enumerate(ideal))
+    idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
     return dcg / idcg if idcg > 0 else 0.0
 
 
@@ -128,9 +129,12 @@ def top_k(queries: Tensor, corpus: Tensor, k: int, chunk_size: int = 65_536) -> 
     return best_scores, best_index.gather(1, order)
 
 
-def rerank(queries: Tensor, corpus: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Score only the (Q, n) candidate rows of corpus for each query and keep the best k: (Q, k), (Q, k)."""
-    scores = torch.einsum("qd,qnd->qn", queries, corpus[candidates])  # (Q, n)
+def rerank(queries: Tensor, corpus: Tensor, candidates: Tensor, k: int, query_chunk: int = 256
+           ) -> tuple[Tensor, Tensor]:
+    """Score only the (Q, n) candidate rows of corpus for each query and keep the best k: (Q, k), (Q, k).
+    Queries go `query_chunk` at a time, so the gathered candidates take query_chunk × n × d floats at most."""
+    scores = torch.cat([torch.einsum("qd,qnd->qn", queries[i:i + query_chunk], corpus[candidates[i:i + query_chunk]])
+                        for i in range(0, len(queries), query_chunk)])  # (Q, n)
     best_scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
     return best_scores, candidates.gather(1, order)
 
@@ -166,10 +170,10 @@ class FunnelIndex:
 
     def flops_per_query(self, stages: list[tuple[int, int]]) -> int:
         """Multiply-adds × 2 of the scoring (the top-k selections are not counted)."""
-        first_dim = stages[0][0]
-        cost = self.size * first_dim
-        for (_, keep_before), (dim, _) in zip(stages, stages[1:]):
-            cost += min(keep_before, self.size) * dim
+        survivors, cost = self.size, 0
+        for dim, keep in stages:
+            cost += survivors * dim  # every survivor of the stage before is scored with `dim` dims
+            survivors = min(keep, survivors)
         return 2 * cost
 
 
@@ -228,7 +232,9 @@ def quantized_search(queries: Tensor, corpus: Tensor, d: int, kind: str, k: int 
 # --- per-dim evaluation --------------------------------------------------------------------------------------------
 
 def rankings_from(index: Tensor, data: RetrievalSet) -> dict[str, list[str]]:
-    return {q: [data.doc_ids[i] for i in row] for q, row in zip(data.query_ids, index.tolist())}
+    """Search results -> ranked doc ids per query; a document with the query's own id is skipped (as BEIR does
+    for sets whose queries are also in the corpus)."""
+    return {q: [data.doc_ids[i] for i in row if data.doc_ids[i] != q] for q, row in zip(data.query_ids, index.tolist())}
 
 
 def evaluate_retrieval(query_embeddings: Tensor, doc_embeddings: Tensor, data: RetrievalSet, dims: list[int]
@@ -236,6 +242,6 @@ def evaluate_retrieval(query_embeddings: Tensor, doc_embeddings: Tensor, data: R
     """{dim: {metric: value ×100}}: exact search with the first d dims of full-width embeddings, for each d."""
     results = {}
     for d in sorted(dims, reverse=True):
-        _, index = top_k(prefix(query_embeddings, d), prefix(doc_embeddings, d), 100)
+        _, index = top_k(prefix(query_embeddings, d), prefix(doc_embeddings, d), 101)  # 100 besides the query itself
         results[d] = retrieval_metrics(rankings_from(index, data), data.qrels)
     return results

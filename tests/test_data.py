@@ -424,3 +424,21 @@ def test_collator_without_labels(tiny_encoder, nli_jsonl, tmp_path):
     assert batch["input_ids"].shape[0] == 3 * 3
     decoded = [tiny_encoder.tokenizer.decode(ids, skip_special_tokens=True) for ids in batch["input_ids"]]
     assert decoded == [f"{c} {i}" for c in ("anchor", "positive", "negative") for i in range(3)]
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_no_duplicates_across_the_batches_of_one_step(processes):
+    """Accelerate deals consecutive batches to the processes of one step: together they hold no repeated text
+    (with one duplicate-free batch per process only, a repeated text would meet itself on another process)."""
+    rng = random.Random(1)
+    rows = [(f"anchor {rng.randrange(150)}", f"positive {rng.randrange(150)}") for _ in range(300)]
+    batches = list(BatchSampler(rows, 8, no_duplicates=True, seed=0, processes=processes))
+    assert sorted(i for b in batches for i in b) == list(range(300))  # nothing dropped or repeated
+
+    def steps_with_a_repeat(batches):
+        steps = [[t for b in batches[s:s + processes] for i in b for t in rows[i]]
+                 for s in range(0, len(batches), processes)]
+        return sum(len(texts) != len(set(texts)) for texts in steps)
+
+    assert steps_with_a_repeat(batches) == 0
+    assert steps_with_a_repeat(list(BatchSampler(rows, 8, no_duplicates=True, seed=0))) > 0  # what it prevents

@@ -13,9 +13,9 @@ from mrl.retrieval import (FunnelIndex, RetrievalSet, evaluate_retrieval, int8_s
 
 
 def test_ndcg_by_hand():
-    ranked, relevant = ["d1", "d2", "d3"], {"d2": 1, "d3": 2}
-    dcg = 0 + (2 ** 1 - 1) / math.log2(3) + (2 ** 2 - 1) / math.log2(4)
-    idcg = (2 ** 2 - 1) / math.log2(2) + (2 ** 1 - 1) / math.log2(3)
+    ranked, relevant = ["d1", "d2", "d3"], {"d2": 1, "d3": 2}  # linear gains, as pytrec_eval / BEIR
+    dcg = 0 + 1 / math.log2(3) + 2 / math.log2(4)
+    idcg = 2 / math.log2(2) + 1 / math.log2(3)
     assert ndcg_at_k(ranked, relevant) == pytest.approx(dcg / idcg)
     assert ndcg_at_k(["d3", "d2", "d1"], relevant) == pytest.approx(1.0)
     assert ndcg_at_k(["d1", "d4"], relevant) == 0.0
@@ -139,3 +139,14 @@ def test_bf16_shortlist_keeps_the_float32_order_of_its_survivors():
     scores, index = FunnelIndex(c, [16, 64], shortlist_dtype=torch.bfloat16).search(q, [(16, 400), (64, 10)])
     assert torch.equal(index, exact)  # the shortlist keeps everything: only float32 decides
     assert scores.dtype == torch.float32
+
+
+def test_a_document_with_the_query_id_is_not_a_result():
+    data = RetrievalSet(["x"], ["query"], ["x", "y"], ["query", "other"], {"x": {"y": 1}})
+    results = evaluate_retrieval(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.6, 0.8]]), data, [2])
+    assert results[2]["mrr@10"] == 100.0  # "y" is first once the query's own copy is skipped
+
+
+def test_flops_count_only_the_survivors():
+    index = FunnelIndex(random_unit(50, 16, 13), [8, 16])
+    assert index.flops_per_query([(8, 10), (16, 40)]) == 2 * (50 * 8 + 10 * 16)
