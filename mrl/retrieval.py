@@ -120,13 +120,32 @@ def top_k(queries: Tensor, corpus: Tensor, k: int, chunk_size: int = 65_536) -> 
     for start in range(0, len(corpus), chunk_size):
         block = corpus[start:start + chunk_size]
         scores = torch.matmul(queries, block.T, out=buffer[:, :len(block)])  # (Q, chunk)
-        chunk_scores, chunk_index = scores.topk(min(k, len(block)), dim=1, sorted=False)
+        chunk_scores, chunk_index = _chunk_top_k(scores, min(k, len(block)))
         merged_scores = torch.cat([best_scores, chunk_scores], dim=1)
         merged_index = torch.cat([best_index, chunk_index + start], dim=1)
         best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1, sorted=False)
         best_index = merged_index.gather(1, order)
     best_scores, order = best_scores.sort(dim=1, descending=True)
     return best_scores, best_index.gather(1, order)
+
+
+def _chunk_top_k(scores: Tensor, k: int, group: int = 32) -> tuple[Tensor, Tensor]:
+    """Exact top k of each row (unsorted), through groups: the rows are cut into groups of `group` columns, the k
+    groups with the largest maxima are kept, and the top k is taken among their k·group members only.
+
+    Exact: a column among the top k has a score >= s_k (the k-th best), so its group's maximum is >= s_k; at
+    most k groups reach s_k (each holds one of the k columns that do), and all of them are among the k groups
+    with the largest maxima. A max over contiguous groups is one cheap pass; the costly selection then runs
+    over k·group columns instead of the whole chunk.
+    """
+    n_rows, width = scores.shape
+    if k * group * 4 > width or width % group:  # too few groups to pay off: plain top-k
+        return scores.topk(k, dim=1, sorted=False)
+    group_max = scores.view(n_rows, width // group, group).amax(dim=-1)  # (Q, width / group)
+    groups = group_max.topk(k, dim=1, sorted=False).indices  # (Q, k)
+    members = (groups.unsqueeze(-1) * group + torch.arange(group, device=scores.device)).flatten(1)  # (Q, k·group)
+    member_scores, position = scores.gather(1, members).topk(k, dim=1, sorted=False)
+    return member_scores, members.gather(1, position)
 
 
 def rerank(queries: Tensor, corpus: Tensor, candidates: Tensor, k: int, query_chunk: int = 256

@@ -150,3 +150,15 @@ def test_a_document_with_the_query_id_is_not_a_result():
 def test_flops_count_only_the_survivors():
     index = FunnelIndex(random_unit(50, 16, 13), [8, 16])
     assert index.flops_per_query([(8, 10), (16, 40)]) == 2 * (50 * 8 + 10 * 16)
+
+
+@pytest.mark.parametrize("k", [1, 10, 60])
+def test_grouped_top_k_is_exact(k):
+    """Chunks wide enough for the grouped selection (see _chunk_top_k) give the same top k as a full sort,
+    also with ties and with the best scores packed into one group."""
+    q, c = random_unit(5, 16, 14), random_unit(20_000, 16, 15)
+    c[100:132] = c[7]  # one group full of the same strong document for some queries: ties across a group
+    scores, index = top_k(q, c, k, chunk_size=8192)
+    full_scores, _ = (q @ c.T).topk(k, dim=1)
+    torch.testing.assert_close(scores, full_scores)
+    torch.testing.assert_close(torch.einsum("qd,qkd->qk", q, c[index]), full_scores)
