@@ -32,7 +32,7 @@ from mrl.evaluation import evaluate_sts, markdown_table
 from mrl.dist import gather_columns
 from mrl.gradcache import cached_backward
 from mrl.losses import LOSSES, NESTED_LOSSES
-from mrl.matryoshka import Matryoshka2dLoss, MatryoshkaLoss, check_dims
+from mrl.matryoshka import Matryoshka2dLoss, MatryoshkaLoss, check_dims, check_n_layers_per_step
 from mrl.sources import load_mirror, resolve_model, unreachable
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,9 +67,8 @@ check_dims(eval_dims, embedding_dim=model.embedding_dim, field="eval.dims")
 for n_layers in cfg.eval.layers or []:
     if not 1 <= n_layers <= model.num_layers:
         raise ValueError(f"eval.layers: {n_layers} is not in 1..{model.num_layers} (the model's layers)")
-if cfg.loss.two_d and not 1 <= cfg.loss.n_layers_per_step < model.num_layers:
-    raise ValueError(f"loss.n_layers_per_step: must be in 1..{model.num_layers - 1} for this "
-                     f"{model.num_layers}-layer model, got {cfg.loss.n_layers_per_step}")
+if cfg.loss.two_d:
+    check_n_layers_per_step(cfg.loss.n_layers_per_step, model.num_layers)
 accelerator.print(f"model: {model_path} ({model.embedding_dim} dims, max_seq_length {model.max_seq_length})")
 
 # -- data: every table is loaded and checked before the first step
@@ -171,6 +170,12 @@ def evaluate(split: str, n_layers: int | None = None) -> dict[int, float]:
     return scores
 
 
+def log_scores(split: str, scores: dict[int, float], step: int, n_layers: int | None = None) -> None:
+    """Per-dim eval scores as tracker scalars: eval/<split>/spearman[/layers<k>]/d<dim>."""
+    tag = f"eval/{split}/spearman" + (f"/layers{n_layers}" if n_layers else "")
+    accelerator.log({f"{tag}/d{d}": s for d, s in scores.items()}, step=step)
+
+
 def save_checkpoint():
     accelerator.save_state(os.path.join(checkpoint_root, f"step_{progress.step}"))
     if accelerator.is_main_process:  # nanoGPT's habit: the resolved config travels with every checkpoint
@@ -187,8 +192,7 @@ if cfg.log.with_:
 if not args.resume and eval_tables:  # the starting point, for the before/after table
     for split in eval_tables:
         results[split]["before training"] = evaluate(split)
-        accelerator.log({f"eval/{split}/spearman/d{d}": s for d, s in results[split]["before training"].items()},
-                        step=0)
+        log_scores(split, results[split]["before training"], step=0)
     accelerator.print(markdown_table({f"{split}, before training": results[split]["before training"]
                                       for split in eval_tables}))
 
@@ -205,9 +209,9 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
         with accelerator.accumulate(model):
             labels = batch.pop("labels", None)
             if cfg.train.cache_chunk_size:  # GradCache: chunked forwards, the same gradients
-                loss, per_dim = cached_backward(partial(model, all_layers=cfg.loss.two_d), batch, len(columns), partial(compute_loss, labels=labels),
-                                                cfg.train.cache_chunk_size, accelerator.backward,
-                                                no_sync=partial(accelerator.no_sync, model))
+                loss, per_dim = cached_backward(partial(model, all_layers=cfg.loss.two_d), batch, len(columns),
+                                                partial(compute_loss, labels=labels), cfg.train.cache_chunk_size,
+                                                accelerator.backward, no_sync=partial(accelerator.no_sync, model))
             else:
                 # one forward for every column: k × (B, D), or k × (B, L, D) with every layer's embedding (2D)
                 embeddings = model(batch, all_layers=cfg.loss.two_d).chunk(len(columns))
@@ -236,7 +240,7 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
             running, counts = {}, {}
         if cfg.eval.every and progress.step % cfg.eval.every == 0 and progress.step < total_steps and "dev" in eval_tables:
             scores = results["dev_during_training"][progress.step] = evaluate("dev")
-            accelerator.log({f"eval/dev/spearman/d{d}": s for d, s in scores.items()}, step=progress.step)
+            log_scores("dev", scores, progress.step)
             bar.write(markdown_table({f"dev, step {progress.step}": scores}))
         if cfg.train.save_every and progress.step % cfg.train.save_every == 0:
             save_checkpoint()
@@ -252,12 +256,10 @@ if cfg.train.save_every and progress.step % cfg.train.save_every:
     save_checkpoint()  # the last steps, for a later --resume with more steps or epochs
 for split in eval_tables:
     results[split]["after training"] = evaluate(split)
-    accelerator.log({f"eval/{split}/spearman/d{d}": s for d, s in results[split]["after training"].items()},
-                    step=progress.step)
+    log_scores(split, results[split]["after training"], progress.step)
     for n_layers in cfg.eval.layers or []:  # the embeddings of the first n layers (2D Matryoshka)
         scores = results[split][f"after training, {n_layers} layers"] = evaluate(split, n_layers)
-        accelerator.log({f"eval/{split}/spearman/layers{n_layers}/d{d}": s for d, s in scores.items()},
-                        step=progress.step)
+        log_scores(split, scores, progress.step, n_layers)
 results["train"] = {"steps": progress.step - start_step, "processes": accelerator.num_processes,
                     "cross_device": cross_device, "samples": samples, "seconds": round(train_seconds, 1),
                     "samples_per_second": round(samples / max(train_seconds, 1e-9), 1),

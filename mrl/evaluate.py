@@ -1,7 +1,7 @@
 """Evaluate saved models at every dim on STS and retrieval; write JSON, Markdown tables and the blog's two plots.
 
     python -m mrl.evaluate --model runs/default/model --model runs/baseline/model --name Matryoshka --name baseline \
-        --nli-triplets ../shared/data/nli/triplets.jsonl.gz ../shared/data/nli/triplets-extra.jsonl.gz \
+        --nli-triplets data/nli/triplets.jsonl.gz data/nli/triplets-extra.jsonl.gz \
         --quantization --out runs/eval
 
     python -m mrl.evaluate --from-results runs/default/results.json runs/baseline/results.json --out runs/plots

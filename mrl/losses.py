@@ -28,25 +28,29 @@ def nested_cosine_matrices(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
     """
     ascending = sorted(range(len(dims)), key=lambda i: dims[i])
     bounds = [0] + [dims[i] for i in ascending]
-    dtype = torch.promote_types(a.dtype, torch.float32)  # sums in float32 at least, also under bf16 autocast
     blocks = torch.stack([a[:, lo:hi] @ b[:, lo:hi].T for lo, hi in zip(bounds, bounds[1:])])  # (n, N, M)
-    dots = blocks.to(dtype).cumsum(0)
-    ends = torch.tensor(bounds[1:], device=a.device) - 1
-    norm_a = a.to(dtype).pow(2).cumsum(-1)[:, ends].T.sqrt().clamp_min(1e-12)  # (n, N), as F.normalize's eps
-    norm_b = b.to(dtype).pow(2).cumsum(-1)[:, ends].T.sqrt().clamp_min(1e-12)  # (n, M)
+    dots = blocks.to(_sum_dtype(a)).cumsum(0)
+    norm_a, norm_b = _prefix_norms(a, bounds[1:]), _prefix_norms(b, bounds[1:])  # (n, N), (n, M)
     cos = dots / (norm_a[:, :, None] * norm_b[:, None, :])
     return cos[torch.tensor(ascending, device=a.device).argsort()]  # back to the order of `dims`
 
 
 def nested_pair_cosines(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
     """cos(a_i[:d], b_i[:d]) of row pairs for every d in `dims`: (len(dims), N), by prefix sums of a_i·b_i."""
-    dtype = torch.promote_types(a.dtype, torch.float32)
-    a, b = a.to(dtype), b.to(dtype)
     ends = torch.tensor(dims, device=a.device) - 1
-    dots = (a * b).cumsum(-1)[:, ends].T  # (n, N)
-    norm_a = a.pow(2).cumsum(-1)[:, ends].T.sqrt().clamp_min(1e-12)
-    norm_b = b.pow(2).cumsum(-1)[:, ends].T.sqrt().clamp_min(1e-12)
-    return dots / (norm_a * norm_b)
+    dots = (a.to(_sum_dtype(a)) * b.to(_sum_dtype(b))).cumsum(-1)[:, ends].T  # (n, N)
+    return dots / (_prefix_norms(a, dims) * _prefix_norms(b, dims))
+
+
+def _sum_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)  # sums in float32 at least, also under bf16 autocast
+
+
+def _prefix_norms(x: Tensor, dims: list[int]) -> Tensor:
+    """‖x_i[:d]‖ for every d in `dims` from one cumulative sum of squares: (len(dims), N), floored at
+    F.normalize's eps."""
+    ends = torch.tensor(dims, device=x.device) - 1
+    return x.to(_sum_dtype(x)).pow(2).cumsum(-1)[:, ends].T.sqrt().clamp_min(1e-12)
 
 
 def contrastive_loss(embeddings: list[Tensor], labels: Tensor | None = None, *, scale: float = 20.0,

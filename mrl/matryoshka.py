@@ -30,6 +30,13 @@ def check_dims(dims: Sequence[int], weights: Sequence[float] | None = None, n_di
         raise ValueError(f"{prefix}n_dims_per_step: must be between 1 and len(dims)={len(dims)}, got {n_dims_per_step}")
 
 
+def check_n_layers_per_step(n_layers_per_step: int, n_layers: int) -> None:
+    """2D Matryoshka draws earlier layers from 1..L-1: at least one, and fewer than L."""
+    if not 1 <= n_layers_per_step < n_layers:
+        raise ValueError(f"loss.n_layers_per_step: must be in 1..{n_layers - 1} for a {n_layers}-layer model, "
+                         f"got {n_layers_per_step}")
+
+
 class MatryoshkaLoss(nn.Module):
     """Sum a base loss over nested prefixes of the same embeddings.
 
@@ -108,9 +115,7 @@ class Matryoshka2dLoss(nn.Module):
     def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, rows: Tensor | None = None,
                 **loss_kwargs) -> tuple[Tensor, dict]:
         n_layers = embeddings[0].shape[1]
-        if not 1 <= self.n_layers_per_step < n_layers:
-            raise ValueError(f"loss.n_layers_per_step: must be in 1..{n_layers - 1} for a {n_layers}-layer model, "
-                             f"got {self.n_layers_per_step}")
+        check_n_layers_per_step(self.n_layers_per_step, n_layers)
         if rows is not None:
             loss_kwargs["rows"] = rows
         final = [e[:, -1] for e in embeddings]
