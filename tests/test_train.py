@@ -15,14 +15,21 @@ ROOT = Path(__file__).resolve().parents[1]
 STSB = SHARED / "data" / "stsb"
 
 
+def train_py(*settings, config="configs/default.yaml", launcher=(sys.executable,), resume=None, env=None,
+             timeout=600):
+    """Run train.py with `--set` settings (through `launcher`), as a user would; the finished process."""
+    args = [*launcher, "train.py", "--config", config, *[a for o in settings for a in ("--set", o)],
+            *(["--resume", str(resume)] if resume else [])]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def run_train(tmp_path, model_dir, *overrides, launcher=(sys.executable,), resume=None):
+    """The default recipe on the tiny model: 3 steps of batch 8 on 64 STS-B pairs, evaluated on 40 dev pairs."""
     spec = f"{{path: csv, data_files: {{train: {STSB}/train.csv}}, split: 'train[:64]', score_max: 5}}"
     dev = f"{{path: csv, data_files: {{train: {STSB}/dev.csv}}, split: 'train[:40]', score_max: 5}}"
-    args = [*launcher, "train.py", "--set", f"model.name={model_dir}", "--set", f"data.train={spec}",
-            "--set", f"eval.dev={dev}", "--set", "eval.test=null", "--set", "loss.dims=[32,16,8]",
-            "--set", "train.max_steps=3", "--set", "train.batch_size=8", "--set", f"output_dir={tmp_path}/run",
-            *[a for o in overrides for a in ("--set", o)], *(["--resume", str(resume)] if resume else [])]
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return train_py(f"model.name={model_dir}", f"data.train={spec}", f"eval.dev={dev}", "eval.test=null",
+                    "loss.dims=[32,16,8]", "train.max_steps=3", "train.batch_size=8", f"output_dir={tmp_path}/run",
+                    *overrides, launcher=launcher, resume=resume)
 
 
 def test_short_run_writes_model_and_per_dim_results(tmp_path, tiny_model_dir):
@@ -59,11 +66,9 @@ def run_nli_recipe(tmp_path, config, model_dir, *overrides, launcher=(sys.execut
     on the tiny model for 2 steps, evaluated on 50 STS-B dev pairs."""
     if not (SHARED / "data" / "nli").is_dir():
         pytest.skip("no NLI triplets in ../shared")
-    settings = [f"model.name={model_dir}", "loss.dims=[32,16,8]", "train.mixed_precision=no", "train.max_steps=2",
-                "eval.dev={path: sentence-transformers/stsb, split: 'validation[:50]'}", "eval.test=null",
-                f"output_dir={tmp_path}/run", *overrides]
-    args = [*launcher, "train.py", "--config", config, *[a for o in settings for a in ("--set", o)]]
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return train_py(f"model.name={model_dir}", "loss.dims=[32,16,8]", "train.mixed_precision=no", "train.max_steps=2",
+                    "eval.dev={path: sentence-transformers/stsb, split: 'validation[:50]'}", "eval.test=null",
+                    f"output_dir={tmp_path}/run", *overrides, config=config, launcher=launcher)
 
 
 def test_two_process_run_writes_one_set_of_outputs(tmp_path, tiny_model_dir):
@@ -145,9 +150,8 @@ def test_matryoshka_training_raises_dim_16_dev_spearman(tmp_path, minilm_dir):
     """The real model on real data: a few dozen steps of the default recipe (CoSENT in Matryoshka 384..8 on
     STS-B train) lift STS-B dev Spearman at dim 16 above the untrained model's, both measured in the run."""
     dev = f"{{path: csv, data_files: {{train: {STSB}/dev.csv}}, split: train, score_max: 5}}"
-    args = [sys.executable, "train.py", "--set", f"model.name={minilm_dir}", "--set", "train.max_steps=40",
-            "--set", f"eval.dev={dev}", "--set", "eval.test=null", "--set", f"output_dir={tmp_path}/run"]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = train_py(f"model.name={minilm_dir}", "train.max_steps=40", f"eval.dev={dev}", "eval.test=null",
+                    f"output_dir={tmp_path}/run", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dev_scores = json.loads((tmp_path / "run" / "results.json").read_text())["dev"]
     assert dev_scores["after training"]["16"] > dev_scores["before training"]["16"]
@@ -204,8 +208,7 @@ def test_unreachable_model_names_the_id_the_mirror_and_the_fix(tmp_path):
     mirror = tmp_path / "mirror.yaml"
     mirror.write_text("models:\n  nobody/no-such-model: /nowhere/model\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MRL_MIRROR": str(mirror)}
-    proc = subprocess.run([sys.executable, "train.py", "--set", "model.name=nobody/no-such-model"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = train_py("model.name=nobody/no-such-model", env=env, timeout=300)
     assert proc.returncode != 0
     error = proc.stderr.strip().splitlines()[-1]
     assert "'nobody/no-such-model'" in error and str(mirror) in error and "/nowhere/model" in error
@@ -214,9 +217,8 @@ def test_unreachable_model_names_the_id_the_mirror_and_the_fix(tmp_path):
 
 def test_unreachable_dataset_names_the_id_and_the_fix(tmp_path, tiny_model_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "train.py", "--set", f"model.name={tiny_model_dir}",
-                           "--set", "loss.dims=[32,16]", "--set", "data.train={path: nobody/no-such-data, split: train}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    proc = train_py(f"model.name={tiny_model_dir}", "loss.dims=[32,16]",
+                    "data.train={path: nobody/no-such-data, split: train}", env=env, timeout=300)
     assert proc.returncode != 0
     error = proc.stderr.strip().splitlines()[-1]
     assert "'nobody/no-such-data'" in error and "has no entry for it" in error and "MRL_MIRROR" in error
