@@ -35,12 +35,12 @@ def load_mirror(path: str | None) -> dict:
     if unknown:
         raise KeyError(f"mirror {path}: unknown sections {sorted(unknown)}; expected models, datasets")
     root = os.path.dirname(os.path.abspath(path))
-    models = {k: os.path.join(root, v) for k, v in (raw.get("models") or {}).items()}
+    models = {k: os.path.normpath(os.path.join(root, v)) for k, v in (raw.get("models") or {}).items()}
     datasets = {}
     for hub_id, spec in (raw.get("datasets") or {}).items():
         spec = dict(spec)
         if "data_files" in spec:
-            spec["data_files"] = _map_files(spec["data_files"], lambda p: os.path.join(root, p))
+            spec["data_files"] = _map_files(spec["data_files"], lambda p: os.path.normpath(os.path.join(root, p)))
         datasets[hub_id] = spec
     return {"models": models, "datasets": datasets, "file": path}
 
