@@ -31,7 +31,7 @@ from mrl.encoder import Encoder
 from mrl.evaluation import evaluate_sts, markdown_table
 from mrl.dist import gather_columns
 from mrl.gradcache import cached_backward
-from mrl.losses import LOSSES, NESTED_LOSSES
+from mrl.losses import LOSSES, NESTED_LOSSES, NESTED_SCORES
 from mrl.matryoshka import Matryoshka2dLoss, MatryoshkaLoss, check_dims, check_n_layers_per_step
 from mrl.sources import load_mirror, resolve_model, unreachable
 
@@ -98,7 +98,9 @@ loader = DataLoader(train_table, batch_sampler=sampler, collate_fn=Collator(mode
 loss_kwargs = {"scale": cfg.loss.scale, **({"symmetric": cfg.loss.symmetric} if cfg.loss.name == "contrastive" else {})}
 base_loss, nested_loss = (partial(table[cfg.loss.name], **loss_kwargs) for table in (LOSSES, NESTED_LOSSES))
 if cfg.loss.matryoshka:
-    loss_fn = MatryoshkaLoss(base_loss, cfg.loss.dims, cfg.loss.dim_weights, cfg.loss.n_dims_per_step, nested_loss)
+    loss_fn = MatryoshkaLoss(base_loss, cfg.loss.dims, cfg.loss.dim_weights, cfg.loss.n_dims_per_step, nested_loss,
+                             cfg.loss.dim_schedule, cfg.loss.always_full_dim, cfg.loss.distill_weight,
+                             cfg.loss.distill_temperature, NESTED_SCORES[cfg.loss.name])
 else:
     loss_fn = MatryoshkaLoss(base_loss, [model.embedding_dim], nested_loss=nested_loss)
 if cfg.loss.two_d:
@@ -123,8 +125,11 @@ def compute_loss(embeddings: list[torch.Tensor], labels) -> tuple[torch.Tensor, 
 trainable = [p for p in model.parameters() if p.requires_grad]
 decay = [p for p in trainable if p.ndim >= 2]
 no_decay = [p for p in trainable if p.ndim < 2]
+loss_parameters = list(loss_fn.parameters())  # learned dim weights, if any: their own rate, no decay
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr)
+                               {"params": no_decay, "weight_decay": 0.0},
+                               {"params": loss_parameters, "weight_decay": 0.0, "lr": cfg.loss.dim_weight_lr}],
+                              lr=cfg.train.lr)
 steps_per_epoch = math.ceil(len(loader) / (accelerator.num_processes * cfg.train.grad_accum))
 total_steps = min(cfg.train.epochs * steps_per_epoch, cfg.train.max_steps or math.inf)
 # a prepared scheduler steps once per process per optimiser step, hence the factor
@@ -148,6 +153,7 @@ class Progress:
 
 progress = Progress()
 accelerator.register_for_checkpointing(progress)
+accelerator.register_for_checkpointing(loss_fn)  # learned dim weights and where the dim schedule stands
 checkpoint_root = os.path.join(cfg.output_dir, "checkpoints")
 if args.resume:
     resume_dir = args.resume
@@ -189,7 +195,7 @@ if cfg.log.with_:
             for section, fields in cfg.to_dict().items() if isinstance(fields, dict) for k, v in
             ((f"{section}.{k}", v) for k, v in fields.items())}
     accelerator.init_trackers("mrl", config=flat)
-if not args.resume and eval_tables:  # the starting point, for the before/after table
+if not args.resume and cfg.eval.at_start and eval_tables:  # the starting point, for the before/after table
     for split in eval_tables:
         results[split]["before training"] = evaluate(split)
         log_scores(split, results[split]["before training"], step=0)
@@ -199,6 +205,11 @@ if not args.resume and eval_tables:  # the starting point, for the before/after 
 # -- the loop
 model.train()
 running, counts = {}, {}  # per-key loss sums and counts since the last log, on the device (no sync per step)
+step_dims, dims_trained = set(), {}  # the dims of this optimiser step; how many steps trained each dim
+if cfg.loss.n_dims_per_step is not None and accelerator.is_main_process:  # one line per step, appended below
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    open(os.path.join(cfg.output_dir, "dims_trained.jsonl"), "a" if args.resume else "w").close()
+dims_loss_fn = loss_fn.matryoshka if cfg.loss.two_d else loss_fn
 bar = tqdm(total=total_steps, initial=progress.step, desc="train", disable=not accelerator.is_main_process)
 samples, start_time, start_step = 0, time.perf_counter(), progress.step
 while progress.step < total_steps and progress.epoch < cfg.train.epochs:
@@ -217,6 +228,9 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
                 embeddings = model(batch, all_layers=cfg.loss.two_d).chunk(len(columns))
                 loss, per_dim = compute_loss(list(embeddings), labels)
                 accelerator.backward(loss)
+            if accelerator.sync_gradients and loss_parameters and accelerator.num_processes > 1:
+                for p in loss_parameters:  # not inside DDP: average their gradients across processes here
+                    p.grad = accelerator.reduce(p.grad, "mean")
             if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
             optimizer.step()
@@ -226,15 +240,24 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
         samples += len(batch["input_ids"]) // len(columns) * accelerator.num_processes
         for d, value in {"total": loss.detach(), **per_dim}.items():  # a dim or layer drawn on some steps only
             running[d], counts[d] = running.get(d, 0.0) + value, counts.get(d, 0) + 1  # averages its own steps
+        step_dims.update(d for d in per_dim if isinstance(d, int))
         if not accelerator.sync_gradients:
             continue
 
         progress.step += 1
         bar.update(1)
+        if cfg.loss.n_dims_per_step is not None and accelerator.is_main_process:  # which dims this step trained
+            with open(os.path.join(cfg.output_dir, "dims_trained.jsonl"), "a") as f:
+                f.write(json.dumps({"step": progress.step, "dims": sorted(step_dims, reverse=True)}) + "\n")
+        for d in step_dims:
+            dims_trained[d] = dims_trained.get(d, 0) + 1
+        step_dims = set()
         if progress.step % cfg.log.every == 0 or progress.step == total_steps:
             logs = {"train/loss" if d == "total" else f"train/loss/{f'd{d}' if isinstance(d, int) else d}":
                     (v / counts[d]).item() for d, v in running.items()}  # .item(): one host sync per log interval
             logs["train/lr"] = scheduler.get_last_lr()[0]
+            if cfg.loss.matryoshka and loss_parameters:
+                logs.update({f"train/dim_weight/d{d}": w for d, w in dims_loss_fn.current_weights().items()})
             bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
             accelerator.log(logs, step=progress.step)
             running, counts = {}, {}
@@ -261,9 +284,12 @@ for split in eval_tables:
         scores = results[split][f"after training, {n_layers} layers"] = evaluate(split, n_layers)
         log_scores(split, scores, progress.step, n_layers)
 results["train"] = {"steps": progress.step - start_step, "processes": accelerator.num_processes,
+                    "dims_trained": {d: dims_trained[d] for d in sorted(dims_trained, reverse=True)},
                     "cross_device": cross_device, "samples": samples, "seconds": round(train_seconds, 1),
                     "samples_per_second": round(samples / max(train_seconds, 1e-9), 1),
                     "peak_cuda_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None}
+if cfg.loss.matryoshka:
+    results["train"]["dim_weights"] = dims_loss_fn.current_weights()  # learned: where they ended
 if accelerator.is_main_process:
     trained = accelerator.unwrap_model(model)
     trained.save(os.path.join(cfg.output_dir, "model"), matryoshka_dims=cfg.loss.dims if cfg.loss.matryoshka else None)

@@ -24,7 +24,11 @@ def model_card(config: dict, results: dict, command: str, embedding_dim: int) ->
     train stats); command: the command line that reproduces the run."""
     model, loss, train, data, evaluation = (config[k] for k in ("model", "loss", "train", "data", "eval"))
     base = model["name"]
-    weight_of = dict(zip(loss["dims"], loss["dim_weights"] or [1.0] * len(loss["dims"])))
+    rule = loss["dim_weights"] if isinstance(loss["dim_weights"], str) else None
+    weight_of = {int(d): w for d, w in results.get("train", {}).get("dim_weights", {}).items()}  # as trained
+    if not weight_of:
+        weight_of = dict(zip(loss["dims"], [1.0] * len(loss["dims"]) if rule else loss["dim_weights"] or
+                             [1.0] * len(loss["dims"])))
     dims = sorted(loss["dims"], reverse=True) if loss["matryoshka"] else [embedding_dim]
     example_dim = min((d for d in dims if d < embedding_dim), default=embedding_dim, key=lambda d: abs(d - 64))
     is_hub_id = not os.path.exists(base) and base.count("/") == 1
@@ -38,8 +42,12 @@ def model_card(config: dict, results: dict, command: str, embedding_dim: int) ->
     if loss["matryoshka"]:
         weights = [weight_of[d] for d in dims]
         objective = (f"`{loss['name']}` loss (scale {loss['scale']:g}) inside a Matryoshka loss over the dims "
-                     f"{', '.join(map(str, dims))} (weights {', '.join(f'{w:g}' for w in weights)}"
-                     + (f", {loss['n_dims_per_step']} dims sampled per step" if loss["n_dims_per_step"] else "")
+                     f"{', '.join(map(str, dims))} ("
+                     + (f"{rule} " if rule else "") + ("weights at the end" if rule == "learned" else "weights")
+                     + f" {', '.join(f'{w:.3g}' for w in weights)}"
+                     + (f", {loss['n_dims_per_step']} dims per step ({loss.get('dim_schedule', 'random')}"
+                        + (", always the largest" if loss.get("always_full_dim") else "") + ")"
+                        if loss["n_dims_per_step"] else "")
                      + "): each prefix of the embedding is trained to be an embedding on its own")
     else:
         objective = (f"`{loss['name']}` loss (scale {loss['scale']:g}) on the full {embedding_dim}-dim "
@@ -48,6 +56,8 @@ def model_card(config: dict, results: dict, command: str, embedding_dim: int) ->
         (loss.get("two_d"), f"2D Matryoshka: {loss.get('n_layers_per_step')} earlier layer(s) per step, layer weight "
                             f"{loss.get('layer_weight')}, KL weight {loss.get('kl_weight')} at temperature "
                             f"{loss.get('kl_temperature')}"),
+        (loss.get("distill_weight"), f"prefix self-distillation toward the full embedding, weight "
+                                     f"{loss.get('distill_weight')} at temperature {loss.get('distill_temperature')}"),
         (results.get("train", {}).get("cross_device"), "negatives from every process"),
         (train.get("cache_chunk_size"), f"GradCache in chunks of {train.get('cache_chunk_size')} texts")) if on]
     if extras:

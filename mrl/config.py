@@ -41,8 +41,16 @@ class LossConfig:
     symmetric: bool = False  # contrastive only: also score positives -> anchors
     matryoshka: bool = True  # False: the base loss at full width only (the baseline)
     dims: list[int] = field(default_factory=lambda: [384, 256, 128, 64, 32, 16, 8])
-    dim_weights: list[float] | None = None  # one weight per dim; None: all 1
-    n_dims_per_step: int | None = None  # train a random subset of this many dims each step; None: all
+    # one weight per dim, or a rule: uniform | proportional | inverse_sqrt (mrl.matryoshka.DIM_WEIGHT_RULES) |
+    # learned (uncertainty weighting, trained at dim_weight_lr); None: all 1
+    dim_weights: list[float] | str | None = None
+    dim_weight_lr: float = 1e-2  # learning rate of the learned dim weights (their own optimiser group)
+    n_dims_per_step: int | None = None  # train this many of the dims each step; None: all
+    dim_schedule: str = "random"  # with n_dims_per_step: random | cyclic (each dim in turn, equally often)
+    always_full_dim: bool = False  # with n_dims_per_step: the largest dim is always one of them
+    # prefix self-distillation: KL from the full embedding's in-batch similarity distribution to each prefix's
+    distill_weight: float = 0.0  # 0: off
+    distill_temperature: float = 0.05
     # contrastive: score each anchor against the candidates of every process (mrl/dist.py);
     # None: on whenever a contrastive run has several processes
     cross_device: bool | None = None
@@ -79,6 +87,7 @@ class EvalConfig:
     dims: list[int] | None = None  # None: loss.dims
     layers: list[int] | None = None  # also evaluate the embeddings of the first k layers, for each k here (2D)
     every: int = 0  # evaluate on dev every N optimiser steps (0: at the start and end only)
+    at_start: bool = True  # evaluate the untrained model too (the "before training" row)
     batch_size: int = 128
 
 
@@ -192,6 +201,20 @@ def validate(cfg: Config) -> None:
     if loss.name not in LOSSES:
         raise ValueError(f"loss.name: expected one of {sorted(LOSSES)}, got {loss.name!r}")
     check_dims(loss.dims, loss.dim_weights, loss.n_dims_per_step, field="loss.dims")
+    if loss.n_dims_per_step is None:
+        for name, value, default in (("dim_schedule", loss.dim_schedule, "random"),
+                                     ("always_full_dim", loss.always_full_dim, False)):
+            if value != default:
+                raise ValueError(f"loss.{name}: only has an effect with loss.n_dims_per_step set (got {value!r})")
+    if loss.dim_schedule not in ("random", "cyclic"):
+        raise ValueError(f"loss.dim_schedule: expected random | cyclic, got {loss.dim_schedule!r}")
+    if loss.distill_weight < 0 or loss.distill_temperature <= 0 or loss.dim_weight_lr <= 0:
+        raise ValueError(f"loss.distill_weight must be >= 0, loss.distill_temperature and loss.dim_weight_lr > 0; "
+                         f"got {loss.distill_weight}, {loss.distill_temperature}, {loss.dim_weight_lr}")
+    if not loss.matryoshka:
+        for name, default in (("dim_weights", None), ("n_dims_per_step", None), ("distill_weight", 0.0)):
+            if getattr(loss, name) != default:
+                raise ValueError(f"loss.{name}: is an option of the Matryoshka loss, but loss.matryoshka is false")
     if cfg.eval.dims is not None:
         check_dims(cfg.eval.dims, field="eval.dims")
     for name in ("batch_size", "epochs", "grad_accum"):

@@ -145,5 +145,21 @@ def _check_cosent(embeddings: list[Tensor], labels: Tensor | None) -> None:
         raise ValueError("cosent_loss needs a label (score) for every pair")
 
 
+def contrastive_scores_nested(embeddings: list[Tensor], *, dims: list[int], rows: Tensor | None = None) -> Tensor:
+    """What the contrastive loss ranks, at every d in `dims`: each anchor's cosines to every candidate of the
+    batch, (len(dims), b, (1+k)·B) (for prefix self-distillation, mrl.matryoshka.MatryoshkaLoss)."""
+    _check_contrastive(embeddings)
+    q = embeddings[0] if rows is None else embeddings[0][rows]
+    return nested_cosine_matrices(q, torch.cat(embeddings[1:]), dims)
+
+
+def cosent_scores_nested(embeddings: list[Tensor], *, dims: list[int]) -> Tensor:
+    """What CoSENT ranks, at every d in `dims`: the batch's pair cosines as one row, (len(dims), 1, B)."""
+    if len(embeddings) != 2:
+        raise ValueError(f"cosent needs exactly 2 text columns (sentence1, sentence2), got {len(embeddings)}")
+    return nested_pair_cosines(*embeddings, dims)[:, None, :]
+
+
 LOSSES = {"contrastive": contrastive_loss, "cosent": cosent_loss}
 NESTED_LOSSES = {"contrastive": contrastive_losses_nested, "cosent": cosent_losses_nested}  # all dims at once
+NESTED_SCORES = {"contrastive": contrastive_scores_nested, "cosent": cosent_scores_nested}

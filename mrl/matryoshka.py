@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def check_dims(dims: Sequence[int], weights: Sequence[float] | None = None, n_dims_per_step: int | None = None,
+def check_dims(dims: Sequence[int], weights: Sequence[float] | str | None = None, n_dims_per_step: int | None = None,
                embedding_dim: int | None = None, field: str = "dims") -> None:
     """Raise ValueError, naming `field`, if the nested dims (and their weights) cannot be trained."""
     if not dims:
@@ -21,13 +21,45 @@ def check_dims(dims: Sequence[int], weights: Sequence[float] | None = None, n_di
     if embedding_dim is not None and max(dims) > embedding_dim:
         raise ValueError(f"{field}: dim {max(dims)} is larger than the model's embedding size {embedding_dim}")
     prefix = field.rsplit("dims", 1)[0]  # "loss.dims" -> "loss."
-    if weights is not None:
+    if isinstance(weights, str):
+        if weights not in DIM_WEIGHT_RULES and weights != "learned":
+            raise ValueError(f"{prefix}dim_weights: expected a list of numbers or one of "
+                             f"{sorted(DIM_WEIGHT_RULES) + ['learned']}, got {weights!r}")
+    elif weights is not None:
         if len(weights) != len(dims):
             raise ValueError(f"{prefix}dim_weights: got {len(weights)} weights for {len(dims)} dims {list(dims)}")
         if any(not isinstance(w, (int, float)) or w < 0 for w in weights):
             raise ValueError(f"{prefix}dim_weights: every weight must be a number >= 0, got {list(weights)}")
     if n_dims_per_step is not None and not 1 <= n_dims_per_step <= len(dims):
         raise ValueError(f"{prefix}n_dims_per_step: must be between 1 and len(dims)={len(dims)}, got {n_dims_per_step}")
+
+
+# Fixed rules for the weight of each dim d of a model of width D; rescaled so that the weights average 1 (the
+# total loss then has the scale of uniform weights, and one learning rate serves every rule)
+DIM_WEIGHT_RULES = {
+    "uniform": lambda d, width: 1.0,  # the reference (MRL, sentence-transformers)
+    "proportional": lambda d, width: d / width,  # each dim counts by its share of the width
+    "inverse_sqrt": lambda d, width: (width / d) ** 0.5,  # decays with the dim: small prefixes count more
+}
+
+
+def dim_weights(rule: str, dims: Sequence[int]) -> list[float]:
+    """The weights of one of DIM_WEIGHT_RULES for `dims`, in dims' order, averaging 1."""
+    raw = [DIM_WEIGHT_RULES[rule](d, max(dims)) for d in dims]
+    return [w * len(raw) / sum(raw) for w in raw]
+
+
+def prefix_distillation(scores: Tensor, temperature: float) -> Tensor:
+    """KL from the full embedding's similarity distribution to each prefix's: (n,) for scores (1 + n, R, C).
+
+    scores[0] are the full width's scores (the teacher, detached here), scores[k] the k-th prefix's, over the
+    same R rows × C candidates. Each row is a distribution over its candidates at temperature τ:
+
+        P^d_r = softmax_c( S^d_rc / τ ),    KL_d = 1/R Σ_r Σ_c P^full_rc · (log P^full_rc − log P^d_rc)
+    """
+    log_p = F.log_softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)) / temperature, dim=-1)
+    teacher, students = log_p[0].detach(), log_p[1:]
+    return (teacher.exp() * (teacher - students)).sum(-1).mean(-1)
 
 
 def check_n_layers_per_step(n_layers_per_step: int, n_layers: int) -> None:
@@ -44,50 +76,122 @@ class MatryoshkaLoss(nn.Module):
 
     One encoder forward gives `embeddings` (one (B, D) tensor per text column); every dim only slices it,
     so all dims share that forward and its backward. Dims may come in any order (they are sorted, largest
-    first, with their weights); weights default to 1. With `n_dims_per_step=k`, each call trains a random
-    subset of k dims (drawn from Python's `random`, which the training loop seeds and checkpoints).
-
-    forward returns (total, per_dim): the weighted sum, and each trained dim's unweighted loss, detached,
-    for logging. The base loss is any callable base_loss(embeddings, labels) -> scalar, e.g. a function of
-    `mrl.losses` with its keyword arguments bound by functools.partial.
+    first, with their weights). forward returns (total, per_dim): the total, and each trained dim's unweighted
+    loss, detached, for logging. The base loss is any callable base_loss(embeddings, labels) -> scalar, e.g. a
+    function of `mrl.losses` with its keyword arguments bound by functools.partial. Extra keyword arguments of
+    forward (e.g. `rows` for cross-device negatives) go to the loss.
 
     nested_loss, optional: the same loss for many dims at once, nested_loss(embeddings, labels, dims=[...])
     -> (len(dims),) (mrl.losses.NESTED_LOSSES: prefix sums give every dim's cosines for about the cost of
     one full-width matmul). It must equal the base loss on each prefix; it is used instead of the loop.
-    Extra keyword arguments of forward (e.g. `rows` for cross-device negatives) go to the loss.
+
+    Options beyond plain MRL (all off by default, which is the reference):
+
+    weights: a list (one per dim), a rule of DIM_WEIGHT_RULES ("uniform", "proportional", "inverse_sqrt"),
+        or "learned": uncertainty weighting (Kendall et al., 2018), one parameter s_d = log σ_d² per dim,
+        trained with the model (put `parameters()` in the optimiser):
+            L = Σ_d exp(−s_d) · L_d + s_d          (each s_d settles where exp(s_d) = L_d)
+    n_dims_per_step=k: train k of the dims per call; schedule "random" draws them (Python's `random`, which
+        the training loop seeds and checkpoints), "cyclic" walks through the dims in order, k at a time, so
+        every dim is trained equally often; always_full=True makes the largest dim one of the k, every call.
+        The call count is part of state_dict, so a resumed run continues the cycle.
+    distill_weight > 0: prefix self-distillation. Each trained prefix d below the embeddings' full width D
+        is pulled toward the full embedding's similarity structure, the teacher detached:
+            L += distill_weight · Σ_{d < D} KL( P^D ‖ P^d )        (prefix_distillation)
+        where P^d is the softmax at `distill_temperature` of the batch's scores at dim d, given by
+        nested_scores(embeddings, dims=[...]) -> (n, R, C) (mrl.losses.NESTED_SCORES: each anchor's cosines
+        to all candidates for the contrastive loss, the pair cosines of the batch for CoSENT).
     """
 
-    def __init__(self, base_loss: Callable[..., Tensor], dims: Sequence[int], weights: Sequence[float] | None = None,
-                 n_dims_per_step: int | None = None, nested_loss: Callable[..., Tensor] | None = None):
+    def __init__(self, base_loss: Callable[..., Tensor], dims: Sequence[int],
+                 weights: Sequence[float] | str | None = None, n_dims_per_step: int | None = None,
+                 nested_loss: Callable[..., Tensor] | None = None, schedule: str = "random",
+                 always_full: bool = False, distill_weight: float = 0.0, distill_temperature: float = 0.05,
+                 nested_scores: Callable[..., Tensor] | None = None):
         super().__init__()
         check_dims(dims, weights, n_dims_per_step)
-        weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
+        if schedule not in ("random", "cyclic"):
+            raise ValueError(f"dim_schedule: expected random | cyclic, got {schedule!r}")
+        if distill_weight < 0 or distill_temperature <= 0:
+            raise ValueError(f"distill_weight must be >= 0 and distill_temperature > 0, "
+                             f"got {distill_weight} and {distill_temperature}")
+        if distill_weight > 0 and nested_scores is None:
+            raise ValueError("distill_weight > 0 needs nested_scores (see mrl.losses.NESTED_SCORES)")
+        self.learned = weights == "learned"
+        if weights is None or self.learned:
+            weights = [1.0] * len(dims)
+        elif isinstance(weights, str):
+            weights = dim_weights(weights, dims)
         by_size = sorted(zip(dims, weights), key=lambda dw: -dw[0])
         self.base_loss = base_loss
         self.dims = [d for d, _ in by_size]
-        self.weights = [w for _, w in by_size]
-        self.n_dims_per_step = n_dims_per_step
-        self.nested_loss = nested_loss
+        self.weights = [float(w) for _, w in by_size]
+        self.n_dims_per_step, self.schedule, self.always_full = n_dims_per_step, schedule, always_full
+        self.nested_loss, self.nested_scores = nested_loss, nested_scores
+        self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
+        self.log_variances = nn.Parameter(torch.zeros(len(dims))) if self.learned else None  # s_d, by self.dims
+        self.calls = 0  # forward calls so far: where the cyclic schedule stands
+
+    def choose_dims(self) -> list[int]:
+        """Indices (into self.dims) of the dims this call trains, largest dim first."""
+        if self.n_dims_per_step is None:
+            return list(range(len(self.dims)))
+        fixed = [0] if self.always_full else []
+        pool = list(range(len(fixed), len(self.dims)))
+        k = self.n_dims_per_step - len(fixed)
+        if self.schedule == "random":
+            drawn = random.sample(pool, k)
+        else:  # cyclic: the next k of the pool, wrapping around
+            drawn = [pool[(self.calls * k + j) % len(pool)] for j in range(k)]
+        return sorted(fixed + drawn)
 
     def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, **loss_kwargs
-                ) -> tuple[Tensor, dict[int, Tensor]]:
+                ) -> tuple[Tensor, dict]:
         width = embeddings[0].shape[-1]
         if self.dims[0] > width:
             raise ValueError(f"dims: dim {self.dims[0]} is larger than the embeddings' width {width}")
-        chosen = range(len(self.dims))
-        if self.n_dims_per_step is not None:
-            chosen = sorted(random.sample(chosen, self.n_dims_per_step))
-        dims, weights = [self.dims[i] for i in chosen], [self.weights[i] for i in chosen]
+        chosen = self.choose_dims()
+        self.calls += 1
+        dims = [self.dims[i] for i in chosen]
         if self.nested_loss is not None:
             losses = self.nested_loss(embeddings, labels, dims=dims, **loss_kwargs)  # (n,)
         else:
             losses = torch.stack([self.base_loss([F.normalize(e[:, :d], dim=-1) for e in embeddings], labels,
                                                  **loss_kwargs) for d in dims])
-        total = (losses * losses.new_tensor(weights)).sum()
-        return total, dict(zip(dims, losses.detach().unbind()))
+        if self.learned:
+            s = self.log_variances[chosen]
+            total = (torch.exp(-s) * losses + s).sum()
+        else:
+            total = (losses * losses.new_tensor([self.weights[i] for i in chosen])).sum()
+        per_dim = dict(zip(dims, losses.detach().unbind()))
+        students = [d for d in dims if d < width]
+        if self.distill_weight > 0 and students:
+            scores = self.nested_scores(embeddings, dims=[width] + students, **loss_kwargs)  # (1 + n, R, C)
+            kl = prefix_distillation(scores, self.distill_temperature)
+            total = total + self.distill_weight * kl.sum()
+            per_dim.update({f"distill_d{d}": v for d, v in zip(students, kl.detach().unbind())})
+        return total, per_dim
+
+    def current_weights(self) -> dict[int, float]:
+        """Each dim's weight now: exp(−s_d) when learned, else the fixed weight."""
+        if self.learned:
+            return dict(zip(self.dims, torch.exp(-self.log_variances.detach()).tolist()))
+        return dict(zip(self.dims, self.weights))
+
+    def get_extra_state(self) -> dict:
+        return {"calls": self.calls}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.calls = state["calls"]
 
     def extra_repr(self) -> str:
-        return f"dims={self.dims}, weights={self.weights}, n_dims_per_step={self.n_dims_per_step}"
+        weights = "learned" if self.learned else self.weights
+        text = f"dims={self.dims}, weights={weights}, n_dims_per_step={self.n_dims_per_step}"
+        if self.n_dims_per_step is not None:
+            text += f", schedule={self.schedule}, always_full={self.always_full}"
+        if self.distill_weight > 0:
+            text += f", distill_weight={self.distill_weight}, distill_temperature={self.distill_temperature}"
+        return text
 
 
 class Matryoshka2dLoss(nn.Module):

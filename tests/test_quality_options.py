@@ -1,0 +1,240 @@
+"""The Matryoshka loss's options beyond plain MRL: prefix self-distillation, dim schedules, dim weights.
+
+Each is checked against an independent float64 formula written from the docstring, not from the code."""
+
+import json
+import math
+import random
+from functools import partial
+
+import pytest
+import torch
+
+from mrl.losses import LOSSES, NESTED_LOSSES, NESTED_SCORES
+from mrl.matryoshka import DIM_WEIGHT_RULES, MatryoshkaLoss, dim_weights
+from test_train import run_train
+
+
+def columns(seed, n_columns, batch=6, width=32):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, width, generator=generator, dtype=torch.float64, requires_grad=True)
+            for _ in range(n_columns)]
+
+
+def matryoshka(name, dims, **options):
+    kwargs = {"scale": 20.0}
+    return MatryoshkaLoss(partial(LOSSES[name], **kwargs), dims, nested_loss=partial(NESTED_LOSSES[name], **kwargs),
+                          nested_scores=NESTED_SCORES[name], **options)
+
+
+def kl_reference(teacher_scores, student_scores, temperature):
+    """KL(P_teacher ‖ P_student) per row, averaged over rows; softmax by hand; the teacher carries no gradient."""
+    def softmax(x):
+        e = torch.exp(x / temperature - (x / temperature).max(-1, keepdim=True).values)
+        return e / e.sum(-1, keepdim=True)
+    p, q = softmax(teacher_scores.detach()), softmax(student_scores)
+    return (p * (torch.log(p) - torch.log(q))).sum(-1).mean()
+
+
+def unit(x, d):
+    return x[:, :d] / x[:, :d].norm(dim=-1, keepdim=True)
+
+
+def contrastive_distill_reference(embeddings, dims, temperature, rows):
+    q, candidates = embeddings[0][rows], torch.cat(embeddings[1:])
+    width = q.shape[1]
+    full = unit(q, width) @ unit(candidates, width).T
+    return [kl_reference(full, unit(q, d) @ unit(candidates, d).T, temperature) for d in dims if d < width]
+
+
+def cosent_distill_reference(embeddings, dims, temperature):
+    a, b = embeddings
+    width = a.shape[1]
+    pair = lambda d: (unit(a, d) * unit(b, d)).sum(-1)[None]  # noqa: E731  one row: the batch's pair cosines
+    return [kl_reference(pair(width), pair(d), temperature) for d in dims if d < width]
+
+
+@pytest.mark.parametrize("n_columns, rows", [(2, None), (3, None), (3, [1, 4])])
+def test_contrastive_distillation_equals_the_float64_formula(n_columns, rows):
+    dims, temperature, weight = [32, 16, 8, 4], 0.1, 0.7
+    embeddings = columns(0, n_columns)
+    loss_fn = matryoshka("contrastive", dims, distill_weight=weight, distill_temperature=temperature)
+    row_index = None if rows is None else torch.tensor(rows)
+    kwargs = {} if rows is None else {"rows": row_index}
+    total, per_dim = loss_fn(embeddings, **kwargs)
+
+    all_rows = torch.arange(6) if rows is None else row_index
+    plain = sum(LOSSES["contrastive"]([unit(e, d) for e in embeddings], scale=20.0, rows=row_index) for d in dims)
+    kls = contrastive_distill_reference(embeddings, dims, temperature, all_rows)
+    expected = plain + weight * sum(kls)
+    torch.testing.assert_close(total, expected)
+    for d, kl in zip([16, 8, 4], kls):
+        torch.testing.assert_close(per_dim[f"distill_d{d}"], kl.detach())
+    assert "distill_d32" not in per_dim  # the full width is the teacher, not a student
+
+    # gradients too: the teacher is detached in both
+    grads = torch.autograd.grad(total, embeddings)
+    expected_grads = torch.autograd.grad(expected, embeddings)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+
+
+def test_cosent_distillation_equals_the_float64_formula():
+    dims, temperature, weight = [32, 16, 8], 0.05, 2.0
+    embeddings = columns(1, 2, batch=8)
+    labels = torch.rand(8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    total, per_dim = matryoshka("cosent", dims, distill_weight=weight, distill_temperature=temperature)(
+        embeddings, labels)
+    plain = sum(LOSSES["cosent"]([unit(e, d) for e in embeddings], labels, scale=20.0) for d in dims)
+    kls = cosent_distill_reference(embeddings, dims, temperature)
+    torch.testing.assert_close(total, plain + weight * sum(kls))
+    torch.testing.assert_close(per_dim["distill_d8"], kls[1].detach())
+    grads = torch.autograd.grad(total, embeddings)
+    expected = torch.autograd.grad(plain + weight * sum(kls), embeddings)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_distillation_teacher_gets_no_gradient_from_the_kl():
+    """Only the prefixes move toward the teacher: the coordinates past the largest student dim get no
+    gradient from the KL term (they appear only in the detached full-width teacher)."""
+    embeddings = columns(2, 2)
+    loss_fn = matryoshka("contrastive", [32, 8], distill_weight=1.0, distill_temperature=0.1)
+    loss_fn.nested_loss = lambda embeddings, labels, dims, **_: embeddings[0].new_zeros(len(dims))  # KL only
+    total, _ = loss_fn(embeddings)
+    grads = torch.autograd.grad(total, embeddings)
+    assert all(g[:, 8:].abs().max() == 0 for g in grads)
+    assert all(g[:, :8].abs().max() > 0 for g in grads)
+
+
+def test_distillation_is_zero_when_prefixes_already_match_the_full_width():
+    """A prefix whose cosines equal the full width's (the tail is zero) has nothing to learn: KL = 0."""
+    embeddings = [torch.cat([e[:, :8], torch.zeros(6, 24, dtype=torch.float64)], 1).detach()
+                  for e in columns(3, 2)]
+    _, per_dim = matryoshka("contrastive", [32, 8], distill_weight=1.0)(embeddings)
+    assert per_dim["distill_d8"].abs() < 1e-12
+
+
+@pytest.mark.parametrize("rule", sorted(DIM_WEIGHT_RULES))
+def test_dim_weight_rules_average_one(rule):
+    weights = dim_weights(rule, [384, 256, 128, 64, 32, 16, 8])
+    assert math.isclose(sum(weights) / len(weights), 1.0)
+
+
+def test_dim_weight_rules_have_their_shapes():
+    dims = [64, 16, 4]
+    assert dim_weights("uniform", dims) == [1.0, 1.0, 1.0]
+    proportional = dim_weights("proportional", dims)  # 64 : 16 : 4, averaging 1
+    assert proportional == pytest.approx([64 * 3 / 84, 16 * 3 / 84, 4 * 3 / 84])
+    inverse = dim_weights("inverse_sqrt", dims)  # 1 : 2 : 4, averaging 1
+    assert inverse == pytest.approx([3 / 7, 6 / 7, 12 / 7])
+
+
+def test_rule_weights_enter_the_total():
+    embeddings, dims = columns(4, 2), [32, 16, 8]
+    total, per_dim = matryoshka("contrastive", dims, weights="inverse_sqrt")(embeddings)
+    expected = sum(w * per_dim[d] for d, w in zip(dims, dim_weights("inverse_sqrt", dims)))
+    torch.testing.assert_close(total.detach(), expected)
+
+
+def test_learned_weights_are_uncertainty_weighting():
+    embeddings, dims = columns(5, 2), [32, 16, 8]
+    loss_fn = matryoshka("contrastive", dims, weights="learned")
+    assert [p.shape for p in loss_fn.parameters()] == [torch.Size([3])]
+    with torch.no_grad():
+        loss_fn.log_variances.copy_(torch.tensor([0.5, -0.2, 1.0]))
+    total, per_dim = loss_fn(embeddings)
+    s = {32: 0.5, 16: -0.2, 8: 1.0}
+    expected = sum(math.exp(-s[d]) * per_dim[d].item() + s[d] for d in dims)
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    total.backward()  # ∂L/∂s_d = 1 − exp(−s_d) L_d
+    expected_grad = [1 - math.exp(-s[d]) * per_dim[d].item() for d in dims]
+    assert loss_fn.log_variances.grad.tolist() == pytest.approx(expected_grad, rel=1e-5)
+    assert loss_fn.current_weights() == pytest.approx({d: math.exp(-s[d]) for d in dims})
+
+
+def test_always_full_puts_the_largest_dim_in_every_step():
+    random.seed(0)
+    loss_fn = matryoshka("contrastive", [8, 32, 16, 4], n_dims_per_step=2, always_full=True)
+    drawn = [[loss_fn.dims[i] for i in loss_fn.choose_dims()] for _ in range(50)]
+    assert all(dims[0] == 32 and len(dims) == 2 for dims in drawn)
+    assert {dims[1] for dims in drawn} == {16, 8, 4}  # the other slot still visits every other dim
+
+
+def test_cyclic_schedule_trains_every_dim_equally_often_in_order():
+    loss_fn = matryoshka("contrastive", [32, 16, 8, 4, 2], n_dims_per_step=2)
+    loss_fn.schedule = "cyclic"
+    embeddings = columns(6, 2)
+    trained = [sorted((d for d in loss_fn(embeddings)[1] if isinstance(d, int)), reverse=True) for _ in range(5)]
+    assert trained == [[32, 16], [8, 4], [32, 2], [16, 8], [4, 2]]  # 5 calls: each dim exactly twice
+
+
+def test_cyclic_schedule_with_the_full_dim_cycles_the_others():
+    loss_fn = matryoshka("cosent", [32, 24, 16, 8], n_dims_per_step=2, schedule="cyclic", always_full=True)
+    trained = []
+    for _ in range(4):
+        trained.append([loss_fn.dims[i] for i in loss_fn.choose_dims()])
+        loss_fn.calls += 1
+    assert trained == [[32, 24], [32, 16], [32, 8], [32, 24]]
+
+
+def test_schedule_position_travels_in_the_state_dict():
+    loss_fn = matryoshka("contrastive", [32, 16, 8], n_dims_per_step=1, schedule="cyclic")
+    embeddings = columns(7, 2)
+    for _ in range(2):
+        loss_fn(embeddings)
+    restored = matryoshka("contrastive", [32, 16, 8], n_dims_per_step=1, schedule="cyclic")
+    restored.load_state_dict(loss_fn.state_dict())
+    assert list(loss_fn(embeddings)[1]) == list(restored(embeddings)[1]) == [8]
+
+
+def test_bad_options_fail_with_the_field_name():
+    from mrl.config import load_config
+
+    with pytest.raises(ValueError, match="dim_weights"):
+        load_config(None, ["loss.dim_weights=cubic"])
+    with pytest.raises(ValueError, match="loss.always_full_dim"):
+        load_config(None, ["loss.always_full_dim=true"])
+    with pytest.raises(ValueError, match="loss.dim_schedule"):
+        load_config(None, ["loss.n_dims_per_step=2", "loss.dim_schedule=zigzag"])
+    with pytest.raises(ValueError, match="loss.distill_weight"):
+        load_config(None, ["loss.matryoshka=false", "loss.distill_weight=1"])
+    assert load_config(None, ["loss.dim_weights=learned"]).loss.dim_weights == "learned"
+
+
+def test_learned_weights_and_the_cycle_are_restored_on_resume(tmp_path, tiny_model_dir):
+    """A run with learned weights and a cyclic schedule, resumed from step 2, ends where the 4-step run ends:
+    the same model, the same learned weights, and steps 3 and 4 train the same dims."""
+    options = ("loss.dims=[32,24,16,8]", "loss.dim_weights=learned", "loss.dim_weight_lr=0.1",
+               "loss.n_dims_per_step=2", "loss.dim_schedule=cyclic", "loss.always_full_dim=true",
+               "train.max_steps=4")
+    whole = run_train(tmp_path / "whole", tiny_model_dir, *options, "train.save_every=2")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    resumed = run_train(tmp_path / "resumed", tiny_model_dir, *options,
+                        resume=tmp_path / "whole" / "run" / "checkpoints" / "step_2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def outputs(name):
+        run = tmp_path / name / "run"
+        steps = [json.loads(line) for line in (run / "dims_trained.jsonl").read_text().splitlines()]
+        return steps, json.loads((run / "results.json").read_text())["train"]
+
+    whole_steps, whole_train = outputs("whole")
+    resumed_steps, resumed_train = outputs("resumed")
+    assert [s["dims"] for s in whole_steps] == [[32, 24], [32, 16], [32, 8], [32, 24]]
+    assert resumed_steps == whole_steps[2:]
+    assert whole_train["dims_trained"] == {"32": 4, "24": 2, "16": 1, "8": 1}
+    weights = whole_train["dim_weights"]
+    assert all(abs(w - 1.0) > 1e-3 for w in weights.values())  # they were trained (all start at 1)
+    assert resumed_train["dim_weights"] == pytest.approx(weights, rel=1e-5)
+
+
+def test_a_run_with_distillation_and_rule_weights_describes_them(tmp_path, tiny_model_dir):
+    proc = run_train(tmp_path, tiny_model_dir, "loss.distill_weight=0.5", "loss.dim_weights=inverse_sqrt")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["train"]["dim_weights"] == pytest.approx(
+        dict(zip(["32", "16", "8"], dim_weights("inverse_sqrt", [32, 16, 8]))))
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "prefix self-distillation toward the full embedding, weight 0.5" in card
+    assert "inverse_sqrt weights 0.68, 0.961, 1.36" in card
