@@ -26,7 +26,7 @@ from transformers.utils import logging as hf_logging
 
 from mrl.card import model_card
 from mrl.config import load_config
-from mrl.data import BatchSampler, Collator, load_table, text_columns
+from mrl.data import BatchSampler, Collator, embed_by_length, load_table, text_columns
 from mrl.encoder import Encoder
 from mrl.evaluation import evaluate_sts, markdown_table
 from mrl.dist import gather_columns
@@ -107,10 +107,12 @@ if cfg.loss.two_d:
     loss_fn = Matryoshka2dLoss(loss_fn, cfg.loss.n_layers_per_step, cfg.loss.layer_weight, cfg.loss.kl_weight,
                                cfg.loss.kl_temperature)
 cross_device = cfg.loss.cross_device
+length_groups = cfg.train.length_groups or (1 if accelerator.device.type == "cuda" else 2)
 if cross_device is None:
     cross_device = cfg.loss.name == "contrastive" and accelerator.num_processes > 1
 accelerator.print(f"loss: {loss_fn}" + (f", negatives from all {accelerator.num_processes} processes" if cross_device else "")
-                  + (f", GradCache chunks of {cfg.train.cache_chunk_size} texts" if cfg.train.cache_chunk_size else ""))
+                  + (f", GradCache chunks of {cfg.train.cache_chunk_size} texts" if cfg.train.cache_chunk_size
+                     else f", each batch embedded in {length_groups} length group(s)"))
 
 
 def compute_loss(embeddings: list[torch.Tensor], labels) -> tuple[torch.Tensor, dict]:
@@ -224,8 +226,10 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
                                                 partial(compute_loss, labels=labels), cfg.train.cache_chunk_size,
                                                 accelerator.backward, no_sync=partial(accelerator.no_sync, model))
             else:
-                # one forward for every column: k × (B, D), or k × (B, L, D) with every layer's embedding (2D)
-                embeddings = model(batch, all_layers=cfg.loss.two_d).chunk(len(columns))
+                # every column's texts as one batch, embedded in length groups (less padding): k × (B, D), or
+                # k × (B, L, D) with every layer's embedding (2D)
+                embeddings = embed_by_length(partial(model, all_layers=cfg.loss.two_d), batch,
+                                             length_groups).chunk(len(columns))
                 loss, per_dim = compute_loss(list(embeddings), labels)
                 accelerator.backward(loss)
             if accelerator.sync_gradients and loss_parameters and accelerator.num_processes > 1:

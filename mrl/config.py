@@ -78,6 +78,9 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N optimiser steps (0: only at the end)
     # GradCache (mrl/gradcache.py): embed the batch in chunks of this many texts, exactly; memory of one chunk
     cache_chunk_size: int | None = None
+    # embed each batch as this many forwards over texts of similar length (less padding, the same embeddings;
+    # mrl.data.embed_by_length); None: 1 on a GPU (launch-bound at small batches), 2 on a CPU (compute-bound)
+    length_groups: int | None = None
 
 
 @dataclass
@@ -225,6 +228,8 @@ def validate(cfg: Config) -> None:
     if loss.cross_device and loss.name != "contrastive":
         raise ValueError(f"loss.cross_device: only the contrastive loss has in-batch negatives to share across "
                          f"processes; loss.name is {loss.name!r}")
+    if train.length_groups is not None and train.length_groups < 1:
+        raise ValueError(f"train.length_groups: must be >= 1 or null, got {train.length_groups}")
     if train.cache_chunk_size is not None and train.cache_chunk_size < 1:
         raise ValueError(f"train.cache_chunk_size: must be >= 1 or null, got {train.cache_chunk_size}")
     if not 0 <= train.warmup_ratio < 1:

@@ -16,6 +16,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import Tensor
 
+from .data import chunk_features
+
 
 class RngState:
     """The CPU and (if used) CUDA random state at one moment, to replay dropout masks exactly."""
@@ -35,14 +37,6 @@ class RngState:
             if self.cuda is not None:
                 torch.cuda.set_rng_state(self.cuda, self.device)
             yield
-
-
-def chunk_features(features: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
-    """Rows of a tokenised batch, without the padding columns that no row of the chunk needs (right padding)."""
-    chunk = {k: v[rows] for k, v in features.items()}
-    mask = chunk["attention_mask"]
-    length = int(mask.any(0).nonzero().max()) + 1  # last column that holds a real token of some row
-    return {k: v[:, :length] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v for k, v in chunk.items()}
 
 
 def cached_backward(embed, features: dict[str, Tensor], n_columns: int, loss_fn, chunk_size: int, backward,

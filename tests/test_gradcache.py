@@ -104,3 +104,31 @@ def test_chunk_features_trims_padding_only(tiny_model_dir):
     chunk = chunk_features(features, slice(1, 2))  # "a dog": far shorter than the batch's longest text
     assert chunk["input_ids"].shape[1] == int(features["attention_mask"][1].sum()) < features["input_ids"].shape[1]
     torch.testing.assert_close(model(chunk), model({k: v[1:2] for k, v in features.items()}), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [2, 3, 4, 24])
+def test_embedding_in_length_groups_equals_one_forward_in_value_and_gradient(tiny_model_dir, groups):
+    """embed_by_length: fewer padded tokens, the same rows in the same order, the same parameter gradients."""
+    from mrl.data import embed_by_length
+
+    model = encoder(tiny_model_dir, dropout=False)
+    features = batch(model)
+    calls = []
+
+    def embed(f):
+        calls.append(f["input_ids"].shape)
+        return model(f)
+
+    grouped = embed_by_length(embed, features, groups)
+    assert len(calls) == min(groups, 24)
+    assert sum(rows * length for rows, length in calls) < features["input_ids"].numel()  # less padding
+    weights = torch.randn(grouped.shape, generator=torch.Generator().manual_seed(0), dtype=grouped.dtype)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    grad_grouped = torch.autograd.grad((grouped * weights).sum(), trained, allow_unused=True)
+    whole = model(features)
+    grad_whole = torch.autograd.grad((whole * weights).sum(), trained, allow_unused=True)
+    torch.testing.assert_close(grouped, whole, rtol=0, atol=1e-12)
+    for a, b in zip(grad_grouped, grad_whole):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
