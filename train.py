@@ -90,7 +90,10 @@ sampler = BatchSampler(rows, cfg.train.batch_size, no_duplicates, cfg.train.drop
                        processes=accelerator.num_processes)
 # the loader's own generator: starting an epoch's iterator then draws no number from the global RNG, so dropout
 # after a resume (global RNG restored from the checkpoint) matches the uninterrupted run
-loader = DataLoader(train_table, batch_sampler=sampler, collate_fn=Collator(model.tokenize, columns),
+collate = Collator(columns, model.tokenizer, model.max_seq_length)
+with accelerator.main_process_first():  # token ids once, up front (cached): no tokenizer in the training steps
+    train_table = collate.pretokenize(train_table)
+loader = DataLoader(train_table, batch_sampler=sampler, collate_fn=collate,
                     num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed))
 
 # -- loss: the plain (baseline) loss is the Matryoshka loss with the full width as its only dim

@@ -21,6 +21,7 @@ from .sources import check_local_files, resolve_dataset, unreachable
 
 OUR_KEYS = ("columns", "label", "score_max")
 LABEL = "label"  # the label column is renamed to this; every other column of a loaded table is text
+IDS = ".ids"  # `<column>.ids`: the token ids of a text column, added by Collator.pretokenize
 
 
 def load_table(spec: dict, field: str, needs_label: bool = False, mirror: dict | None = None) -> datasets.Dataset:
@@ -77,7 +78,7 @@ def _show(kwargs: dict) -> str:
 
 
 def text_columns(table: datasets.Dataset) -> list[str]:
-    return [c for c in table.column_names if c != LABEL]
+    return [c for c in table.column_names if c != LABEL and not c.endswith(IDS)]
 
 
 class BatchSampler:
@@ -143,14 +144,36 @@ class BatchSampler:
 
 class Collator:
     """Rows -> one tokenised batch of every text column, column after column (one encoder forward for all),
-    padded to this batch's longest text; plus the labels, if the table has them."""
+    padded to this batch's longest text; plus the labels, if the table has them.
 
-    def __init__(self, tokenize, columns: list[str]):
-        self.tokenize, self.columns = tokenize, columns
+    Rows of a table made by `pretokenize` bring their token ids, and are only padded here (tokenising once
+    up front takes the tokenizer out of every step); other rows are tokenised here. Both give the same batch.
+    """
+
+    def __init__(self, columns: list[str], tokenizer, max_length: int):
+        self.columns, self.tokenizer, self.max_length = columns, tokenizer, max_length
+
+    def pretokenize(self, table: datasets.Dataset) -> datasets.Dataset:
+        """The table plus the token ids of every text column (`<column>.ids`), by datasets.map (cached on disk
+        for a file-backed table, so later runs read them)."""
+        def encode(rows: dict) -> dict:
+            return {c + IDS: self.tokenizer(rows[c], truncation=True, max_length=self.max_length)["input_ids"]
+                    for c in self.columns}
+        return table.map(encode, batched=True, desc="tokenise")
 
     def __call__(self, rows: list[dict]) -> dict[str, Tensor]:
-        texts = [row[c] for c in self.columns for row in rows]  # column-major: (k·B,)
-        batch = dict(self.tokenize(texts))
+        if self.columns[0] + IDS in rows[0]:
+            ids = [torch.tensor(row[c + IDS]) for c in self.columns for row in rows]  # column-major: (k·B,)
+            input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.tokenizer.pad_token_id)
+            lengths = torch.tensor([len(i) for i in ids])
+            batch = {"input_ids": input_ids}
+            if "token_type_ids" in self.tokenizer.model_input_names:
+                batch["token_type_ids"] = torch.zeros_like(input_ids)
+            batch["attention_mask"] = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
+        else:
+            texts = [row[c] for c in self.columns for row in rows]  # column-major: (k·B,)
+            batch = dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                        return_tensors="pt"))
         if LABEL in rows[0]:
             batch["labels"] = torch.tensor([row[LABEL] for row in rows], dtype=torch.float32)
         return batch

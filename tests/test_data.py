@@ -398,7 +398,7 @@ def test_repo_mirror_serves_shared_stsb(tmp_path):
 def test_collator_with_labels(tiny_encoder, sts_csv, tmp_path):
     table = load_table(spec_for(sts_csv, "csv", tmp_path, score_max=5), "data.train", needs_label=True)
     rows = [table[i] for i in range(len(table))]
-    collate = Collator(tiny_encoder.tokenize, text_columns(table))
+    collate = Collator(text_columns(table), tiny_encoder.tokenizer, tiny_encoder.max_seq_length)
     batch = collate(rows)
     B, k = len(rows), 2
     assert batch["input_ids"].dim() == 2 and batch["input_ids"].shape[0] == k * B
@@ -419,7 +419,7 @@ def test_collator_without_labels(tiny_encoder, nli_jsonl, tmp_path):
     table = load_table(spec_for(nli_jsonl, "json", tmp_path, columns=["anchor", "positive", "negative"]),
                        "data.train")
     rows = [table[i] for i in range(3)]
-    batch = Collator(tiny_encoder.tokenize, text_columns(table))(rows)
+    batch = Collator(text_columns(table), tiny_encoder.tokenizer, tiny_encoder.max_seq_length)(rows)
     assert "labels" not in batch
     assert batch["input_ids"].shape[0] == 3 * 3
     decoded = [tiny_encoder.tokenizer.decode(ids, skip_special_tokens=True) for ids in batch["input_ids"]]
@@ -442,3 +442,24 @@ def test_no_duplicates_across_the_batches_of_one_step(processes):
 
     assert steps_with_a_repeat(batches) == 0
     assert steps_with_a_repeat(list(BatchSampler(rows, 8, no_duplicates=True, seed=0))) > 0  # what it prevents
+
+
+@pytest.mark.parametrize("fixture, columns", [("sts_csv", None), ("nli_jsonl", ["anchor", "positive", "negative"])])
+def test_pretokenised_rows_collate_to_the_same_batch(tiny_encoder, fixture, columns, tmp_path, request):
+    path = request.getfixturevalue(fixture)
+    spec = spec_for(path, "csv" if fixture == "sts_csv" else "json", tmp_path,
+                    **({"score_max": 5} if columns is None else {"columns": columns}))
+    table = load_table(spec, "data.train", needs_label=columns is None)
+    lengths = sorted(len(tiny_encoder.tokenizer(t)["input_ids"]) for c in text_columns(table) for t in table[c])
+    max_length = lengths[len(lengths) // 2]  # STS: the longer half of the texts is cut, the rest padded
+    collate = Collator(text_columns(table), tiny_encoder.tokenizer, max_length)
+    tokenised = collate.pretokenize(table)
+    assert text_columns(tokenised) == text_columns(table)
+    rows, tokenised_rows = [table[i] for i in range(len(table))], [tokenised[i] for i in range(len(table))]
+    expected, batch = collate(rows), collate(tokenised_rows)
+    assert list(batch) == list(expected)
+    assert expected["input_ids"].shape[1] == max_length
+    if fixture == "sts_csv":
+        assert lengths[0] < max_length < lengths[-1] and (expected["attention_mask"].sum(1) < max_length).any()
+    for key in expected:
+        assert torch.equal(batch[key], expected[key]), key
