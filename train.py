@@ -130,6 +130,7 @@ def compute_loss(embeddings: list[torch.Tensor], labels) -> tuple[torch.Tensor, 
 trainable = [p for p in model.parameters() if p.requires_grad]
 decay = [p for p in trainable if p.ndim >= 2]
 no_decay = [p for p in trainable if p.ndim < 2]
+loss_fn.to(accelerator.device)
 loss_parameters = list(loss_fn.parameters())  # learned dim weights, if any: their own rate, no decay
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0},
@@ -213,7 +214,13 @@ running, counts = {}, {}  # per-key loss sums and counts since the last log, on 
 step_dims, dims_trained = set(), {}  # the dims of this optimiser step; how many steps trained each dim
 if cfg.loss.n_dims_per_step is not None and accelerator.is_main_process:  # one line per step, appended below
     os.makedirs(cfg.output_dir, exist_ok=True)
-    open(os.path.join(cfg.output_dir, "dims_trained.jsonl"), "a" if args.resume else "w").close()
+    dims_log = os.path.join(cfg.output_dir, "dims_trained.jsonl")
+    kept = []  # on resume: the steps up to the checkpoint (a crashed run may have logged steps past it)
+    if args.resume and os.path.exists(dims_log):
+        with open(dims_log) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= progress.step]
+    with open(dims_log, "w") as f:
+        f.writelines(kept)
 dims_loss_fn = loss_fn.matryoshka if cfg.loss.two_d else loss_fn
 bar = tqdm(total=total_steps, initial=progress.step, desc="train", disable=not accelerator.is_main_process)
 samples, start_time, start_step = 0, time.perf_counter(), progress.step

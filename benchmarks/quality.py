@@ -21,6 +21,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from mrl.config import load_config  # noqa: E402
 
 # name -> overrides of the recipe; "mrl" is plain MRL (the reference's objective, our code)
 VARIANTS = {
@@ -36,9 +39,12 @@ VARIANTS = {
 def run_one(args, variant: str, seed: int) -> dict:
     out_dir = os.path.join(args.out, "runs", f"{variant}-seed{seed}")
     results_path = os.path.join(out_dir, "results.json")
-    if not os.path.exists(results_path):
-        overrides = [*args.set, *VARIANTS[variant], f"train.seed={seed}", f"output_dir={out_dir}",
-                     "eval.at_start=false"]
+    overrides = [*args.set, *VARIANTS[variant], f"train.seed={seed}", f"output_dir={out_dir}", "eval.at_start=false"]
+    if os.path.exists(results_path):  # reuse a finished run, but only one of this very config
+        with open(results_path) as f:
+            if json.load(f)["config"] != load_config(os.path.join(ROOT, args.config), overrides).to_dict():
+                raise RuntimeError(f"{out_dir} holds a run of another config; use another --out")
+    else:
         cmd = [sys.executable, "train.py", "--config", args.config, *[a for o in overrides for a in ("--set", o)]]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
         started = time.perf_counter()
@@ -93,11 +99,17 @@ def main():
     if "mrl" not in args.variants:
         args.variants.insert(0, "mrl")  # every delta and the choice are against plain MRL
 
+    recipe = load_config(os.path.join(ROOT, args.config), args.set)
+    dims = sorted(recipe.eval.dims or recipe.loss.dims, reverse=True)
+    if recipe.eval.dev is None or recipe.eval.test is None:
+        raise ValueError("the recipe needs eval.dev (to choose on) and eval.test (to report)")
+    if not set(args.small_dims) <= set(dims):
+        raise ValueError(f"--small-dims {args.small_dims}: not all among the evaluated dims {dims}")
+
     grid = [(v, s) for v in args.variants for s in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
         finished = list(pool.map(lambda vs: run_one(args, *vs), grid))
     scores = {v: [r for (gv, _), r in zip(grid, finished) if gv == v] for v in args.variants}
-    dims = finished[0]["dims"]
     dev = summarise(scores, "dev", dims)
     chosen, small_mean = choose(dev, args.small_dims, dims[0])
     test = summarise({v: scores[v] for v in dict.fromkeys(["mrl", chosen])}, "test", dims)

@@ -44,7 +44,7 @@ class LossConfig:
     # one weight per dim, or a rule: uniform | proportional | inverse_sqrt (mrl.matryoshka.DIM_WEIGHT_RULES) |
     # learned (uncertainty weighting, trained at dim_weight_lr); None: all 1
     dim_weights: list[float] | str | None = None
-    dim_weight_lr: float = 1e-2  # learning rate of the learned dim weights (their own optimiser group)
+    dim_weight_lr: float = 1e-2  # peak learning rate of the learned dim weights (own group, same schedule)
     n_dims_per_step: int | None = None  # train this many of the dims each step; None: all
     dim_schedule: str = "random"  # with n_dims_per_step: random | cyclic (each dim in turn, equally often)
     always_full_dim: bool = False  # with n_dims_per_step: the largest dim is always one of them
@@ -79,7 +79,8 @@ class TrainConfig:
     # GradCache (mrl/gradcache.py): embed the batch in chunks of this many texts, exactly; memory of one chunk
     cache_chunk_size: int | None = None
     # embed each batch as this many forwards over texts of similar length (less padding, the same embeddings;
-    # mrl.data.embed_by_length); None: 1 on a GPU (launch-bound at small batches), 2 on a CPU (compute-bound)
+    # mrl.data.embed_by_length); None: 1 on a GPU (launch-bound at small batches), 2 on a CPU (compute-bound).
+    # GradCache (cache_chunk_size) embeds in its own chunks instead, each trimmed to its longest text
     length_groups: int | None = None
 
 
@@ -203,7 +204,7 @@ def validate(cfg: Config) -> None:
         cfg.log.with_ = [cfg.log.with_]
     if loss.name not in LOSSES:
         raise ValueError(f"loss.name: expected one of {sorted(LOSSES)}, got {loss.name!r}")
-    check_dims(loss.dims, loss.dim_weights, loss.n_dims_per_step, field="loss.dims")
+    check_dims(loss.dims, loss.dim_weights, loss.n_dims_per_step, field="loss.dims", always_full=loss.always_full_dim)
     if loss.n_dims_per_step is None:
         for name, value, default in (("dim_schedule", loss.dim_schedule, "random"),
                                      ("always_full_dim", loss.always_full_dim, False)):

@@ -155,7 +155,10 @@ class Collator:
 
     def pretokenize(self, table: datasets.Dataset) -> datasets.Dataset:
         """The table plus the token ids of every text column (`<column>.ids`), by datasets.map (cached on disk
-        for a file-backed table, so later runs read them)."""
+        for a file-backed table, so later runs read them). A tokenizer that pads on the left keeps the table
+        as it is (its batches are tokenised per step): __call__ pads ids on the right."""
+        if self.tokenizer.padding_side != "right":
+            return table
         def encode(rows: dict) -> dict:
             return {c + IDS: self.tokenizer(rows[c], truncation=True, max_length=self.max_length)["input_ids"]
                     for c in self.columns}

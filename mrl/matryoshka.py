@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 
 def check_dims(dims: Sequence[int], weights: Sequence[float] | str | None = None, n_dims_per_step: int | None = None,
-               embedding_dim: int | None = None, field: str = "dims") -> None:
+               embedding_dim: int | None = None, field: str = "dims", always_full: bool = False) -> None:
     """Raise ValueError, naming `field`, if the nested dims (and their weights) cannot be trained."""
     if not dims:
         raise ValueError(f"{field}: needs at least one dimension, got {list(dims)}")
@@ -32,6 +32,9 @@ def check_dims(dims: Sequence[int], weights: Sequence[float] | str | None = None
             raise ValueError(f"{prefix}dim_weights: every weight must be a number >= 0, got {list(weights)}")
     if n_dims_per_step is not None and not 1 <= n_dims_per_step <= len(dims):
         raise ValueError(f"{prefix}n_dims_per_step: must be between 1 and len(dims)={len(dims)}, got {n_dims_per_step}")
+    if always_full and n_dims_per_step == 1:
+        raise ValueError(f"{prefix}always_full_dim: with {prefix}n_dims_per_step=1 only the largest dim would train "
+                         f"(no Matryoshka); set {prefix}n_dims_per_step >= 2")
 
 
 # Fixed rules for the weight of each dim d of a model of width D; rescaled so that the weights average 1 (the
@@ -94,9 +97,12 @@ class MatryoshkaLoss(nn.Module):
     n_dims_per_step=k: train k of the dims per call; schedule "random" draws them (Python's `random`, which
         the training loop seeds and checkpoints), "cyclic" walks through the dims in order, k at a time, so
         every dim is trained equally often; always_full=True makes the largest dim one of the k, every call.
-        The call count is part of state_dict, so a resumed run continues the cycle.
+        The call count is part of state_dict, so a resumed run continues the cycle. A caller that scores
+        several sets of embeddings per step with the same dims (Matryoshka2dLoss: one per layer) passes
+        `chosen=loss.last_chosen` after the first call, which leaves the schedule where it is.
     distill_weight > 0: prefix self-distillation. Each trained prefix d below the embeddings' full width D
-        is pulled toward the full embedding's similarity structure, the teacher detached:
+        is pulled toward the full embedding's similarity structure (at the embeddings' width D, also when the
+        largest of `dims` is smaller), the teacher detached:
             L += distill_weight · Σ_{d < D} KL( P^D ‖ P^d )        (prefix_distillation)
         where P^d is the softmax at `distill_temperature` of the batch's scores at dim d, given by
         nested_scores(embeddings, dims=[...]) -> (n, R, C) (mrl.losses.NESTED_SCORES: each anchor's cosines
@@ -109,7 +115,7 @@ class MatryoshkaLoss(nn.Module):
                  always_full: bool = False, distill_weight: float = 0.0, distill_temperature: float = 0.05,
                  nested_scores: Callable[..., Tensor] | None = None):
         super().__init__()
-        check_dims(dims, weights, n_dims_per_step)
+        check_dims(dims, weights, n_dims_per_step, always_full=always_full)
         if schedule not in ("random", "cyclic"):
             raise ValueError(f"dim_schedule: expected random | cyclic, got {schedule!r}")
         if distill_weight < 0 or distill_temperature <= 0:
@@ -130,7 +136,8 @@ class MatryoshkaLoss(nn.Module):
         self.nested_loss, self.nested_scores = nested_loss, nested_scores
         self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
         self.log_variances = nn.Parameter(torch.zeros(len(dims))) if self.learned else None  # s_d, by self.dims
-        self.calls = 0  # forward calls so far: where the cyclic schedule stands
+        self.calls = 0  # dim draws so far: where the cyclic schedule stands
+        self.last_chosen: list[int] | None = None  # the dims of the last call
 
     def choose_dims(self) -> list[int]:
         """Indices (into self.dims) of the dims this call trains, largest dim first."""
@@ -145,13 +152,16 @@ class MatryoshkaLoss(nn.Module):
             drawn = [pool[(self.calls * k + j) % len(pool)] for j in range(k)]
         return sorted(fixed + drawn)
 
-    def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, **loss_kwargs
-                ) -> tuple[Tensor, dict]:
+    def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, chosen: list[int] | None = None,
+                **loss_kwargs) -> tuple[Tensor, dict]:
+        """chosen: indices of the dims to train (as choose_dims gives them); default: the schedule's next."""
         width = embeddings[0].shape[-1]
         if self.dims[0] > width:
             raise ValueError(f"dims: dim {self.dims[0]} is larger than the embeddings' width {width}")
-        chosen = self.choose_dims()
-        self.calls += 1
+        if chosen is None:
+            chosen = self.choose_dims()
+            self.calls += 1
+        self.last_chosen = chosen
         dims = [self.dims[i] for i in chosen]
         if self.nested_loss is not None:
             losses = self.nested_loss(embeddings, labels, dims=dims, **loss_kwargs)  # (n,)
@@ -159,7 +169,7 @@ class MatryoshkaLoss(nn.Module):
             losses = torch.stack([self.base_loss([F.normalize(e[:, :d], dim=-1) for e in embeddings], labels,
                                                  **loss_kwargs) for d in dims])
         if self.learned:
-            s = self.log_variances[chosen]
+            s = self.log_variances[chosen].to(losses.device)
             total = (torch.exp(-s) * losses + s).sum()
         else:
             total = (losses * losses.new_tensor([self.weights[i] for i in chosen])).sum()
@@ -199,7 +209,7 @@ class Matryoshka2dLoss(nn.Module):
 
     Takes the columns of `Encoder(features, all_layers=True)`, each (B, L, D), where [:, l-1] is the embedding
     pooled from the first l layers. Each step trains the last layer and n_layers_per_step earlier layers S,
-    drawn at random from 1..L-1:
+    drawn at random from 1..L-1, all at the same dims (with n_dims_per_step, those drawn for the last layer):
 
         L_2D = L_M(e^L) + Σ_{l ∈ S} [ w_layer · L_M(e^l) + w_kl · KL( P^L ‖ P^l ) ]
 
@@ -227,7 +237,7 @@ class Matryoshka2dLoss(nn.Module):
         teacher = self._log_distribution(final, rows).detach()
         for layer in sorted(random.sample(range(1, n_layers), self.n_layers_per_step)):
             columns = [e[:, layer - 1] for e in embeddings]
-            layer_loss, _ = self.matryoshka(columns, labels, **loss_kwargs)
+            layer_loss, _ = self.matryoshka(columns, labels, chosen=self.matryoshka.last_chosen, **loss_kwargs)
             student = self._log_distribution(columns, rows)
             kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")  # Σ P^L (log P^L − log P^l) / b
             total = total + self.layer_weight * layer_loss + self.kl_weight * kl

@@ -12,7 +12,7 @@ import torch
 
 from mrl.losses import LOSSES, NESTED_LOSSES, NESTED_SCORES
 from mrl.matryoshka import DIM_WEIGHT_RULES, MatryoshkaLoss, dim_weights
-from test_train import run_train
+from test_train import encode_saved, run_train
 
 
 def columns(seed, n_columns, batch=6, width=32):
@@ -178,6 +178,23 @@ def test_cyclic_schedule_with_the_full_dim_cycles_the_others():
     assert trained == [[32, 24], [32, 16], [32, 8], [32, 24]]
 
 
+def test_cyclic_schedule_under_2d_advances_once_per_step():
+    """Matryoshka2dLoss scores the last layer and an earlier one per step, at the same dims; the cycle moves
+    one window per step, so the last layer still trains every dim in turn."""
+    from mrl.matryoshka import Matryoshka2dLoss
+
+    inner = matryoshka("contrastive", [32, 16, 8, 4], n_dims_per_step=2, schedule="cyclic", always_full=True)
+    loss_fn = Matryoshka2dLoss(inner, n_layers_per_step=1)
+    generator = torch.Generator().manual_seed(0)
+    embeddings = [torch.randn(6, 3, 32, generator=generator, dtype=torch.float64) for _ in range(2)]
+    trained = []
+    for _ in range(4):
+        _, per_dim = loss_fn(embeddings)  # the earlier layer's loss is "layer1", not per dim
+        trained.append(sorted((d for d in per_dim if isinstance(d, int)), reverse=True))
+    assert trained == [[32, 16], [32, 8], [32, 4], [32, 16]]
+    assert inner.calls == 4
+
+
 def test_schedule_position_travels_in_the_state_dict():
     loss_fn = matryoshka("contrastive", [32, 16, 8], n_dims_per_step=1, schedule="cyclic")
     embeddings = columns(7, 2)
@@ -195,6 +212,8 @@ def test_bad_options_fail_with_the_field_name():
         load_config(None, ["loss.dim_weights=cubic"])
     with pytest.raises(ValueError, match="loss.always_full_dim"):
         load_config(None, ["loss.always_full_dim=true"])
+    with pytest.raises(ValueError, match="loss.always_full_dim.*n_dims_per_step >= 2"):
+        load_config(None, ["loss.n_dims_per_step=1", "loss.always_full_dim=true"])
     with pytest.raises(ValueError, match="loss.dim_schedule"):
         load_config(None, ["loss.n_dims_per_step=2", "loss.dim_schedule=zigzag"])
     with pytest.raises(ValueError, match="loss.distill_weight"):
@@ -227,6 +246,8 @@ def test_learned_weights_and_the_cycle_are_restored_on_resume(tmp_path, tiny_mod
     weights = whole_train["dim_weights"]
     assert all(abs(w - 1.0) > 1e-3 for w in weights.values())  # they were trained (all start at 1)
     assert resumed_train["dim_weights"] == pytest.approx(weights, rel=1e-5)
+    torch.testing.assert_close(encode_saved(tmp_path / "resumed" / "run" / "model"),
+                               encode_saved(tmp_path / "whole" / "run" / "model"), rtol=0, atol=1e-6)
 
 
 def test_a_run_with_distillation_and_rule_weights_describes_them(tmp_path, tiny_model_dir):
