@@ -31,6 +31,7 @@ VARIANTS = {
     "distill": ["loss.distill_weight=1.0", "loss.distill_temperature=0.05"],
     "cyclic_full": ["loss.n_dims_per_step=4", "loss.dim_schedule=cyclic", "loss.always_full_dim=true"],
     "inverse_sqrt": ["loss.dim_weights=inverse_sqrt"],
+    "inverse": ["loss.dim_weights=inverse"],
     "learned": ["loss.dim_weights=learned"],
     "baseline": ["loss.matryoshka=false"],  # no Matryoshka loss at all, for scale
 }

@@ -41,7 +41,7 @@ class LossConfig:
     symmetric: bool = False  # contrastive only: also score positives -> anchors
     matryoshka: bool = True  # False: the base loss at full width only (the baseline)
     dims: list[int] = field(default_factory=lambda: [384, 256, 128, 64, 32, 16, 8])
-    # one weight per dim, or a rule: uniform | proportional | inverse_sqrt (mrl.matryoshka.DIM_WEIGHT_RULES) |
+    # one weight per dim, or a rule: uniform | proportional | inverse_sqrt | inverse (mrl.matryoshka.DIM_WEIGHT_RULES) |
     # learned (uncertainty weighting, trained at dim_weight_lr); None: all 1
     dim_weights: list[float] | str | None = None
     dim_weight_lr: float = 1e-2  # peak learning rate of the learned dim weights (own group, same schedule)

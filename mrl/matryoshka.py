@@ -43,6 +43,7 @@ DIM_WEIGHT_RULES = {
     "uniform": lambda d, width: 1.0,  # the reference (MRL, sentence-transformers)
     "proportional": lambda d, width: d / width,  # each dim counts by its share of the width
     "inverse_sqrt": lambda d, width: (width / d) ** 0.5,  # decays with the dim: small prefixes count more
+    "inverse": lambda d, width: width / d,  # decays faster: each halving of d doubles its weight
 }
 
 
@@ -90,7 +91,8 @@ class MatryoshkaLoss(nn.Module):
 
     Options beyond plain MRL (all off by default, which is the reference):
 
-    weights: a list (one per dim), a rule of DIM_WEIGHT_RULES ("uniform", "proportional", "inverse_sqrt"),
+    weights: a list (one per dim), a rule of DIM_WEIGHT_RULES ("uniform", "proportional", "inverse_sqrt",
+        "inverse"),
         or "learned": uncertainty weighting (Kendall et al., 2018), one parameter s_d = log σ_d² per dim,
         trained with the model (put `parameters()` in the optimiser):
             L = Σ_d exp(−s_d) · L_d + s_d          (each s_d settles where exp(s_d) = L_d)

@@ -126,8 +126,9 @@ def test_dim_weight_rules_have_their_shapes():
     assert dim_weights("uniform", dims) == [1.0, 1.0, 1.0]
     proportional = dim_weights("proportional", dims)  # 64 : 16 : 4, averaging 1
     assert proportional == pytest.approx([64 * 3 / 84, 16 * 3 / 84, 4 * 3 / 84])
-    inverse = dim_weights("inverse_sqrt", dims)  # 1 : 2 : 4, averaging 1
-    assert inverse == pytest.approx([3 / 7, 6 / 7, 12 / 7])
+    inverse_sqrt = dim_weights("inverse_sqrt", dims)  # 1 : 2 : 4, averaging 1
+    assert inverse_sqrt == pytest.approx([3 / 7, 6 / 7, 12 / 7])
+    assert dim_weights("inverse", dims) == pytest.approx([3 / 21, 12 / 21, 48 / 21])  # 1 : 4 : 16
 
 
 def test_rule_weights_enter_the_total():

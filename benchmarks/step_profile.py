@@ -1,0 +1,114 @@
+"""Where a training step's time goes, part by part, on real STS-B batches: each option against its alternative,
+measured interleaved in one process (so drift in the machine's speed hits both alike).
+
+    python benchmarks/step_profile.py                 # CPU or GPU, whichever is here; 30 batches of 16 pairs
+    python benchmarks/step_profile.py --batches 100 --bf16
+
+Parts: collate (tokenise per step vs pad pre-tokenised ids), forward + backward of the encoder (one forward vs
+length groups), the loss (plain CoSENT vs Matryoshka over 7 dims, forward + backward), the optimiser step
+(AdamW foreach vs fused). Milliseconds per step, median over the batches.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from mrl.config import load_config  # noqa: E402
+from mrl.data import Collator, embed_by_length, load_table, text_columns  # noqa: E402
+from mrl.encoder import Encoder  # noqa: E402
+from mrl.losses import LOSSES, NESTED_LOSSES  # noqa: E402
+from mrl.matryoshka import MatryoshkaLoss  # noqa: E402
+from mrl.sources import load_mirror, resolve_model  # noqa: E402
+
+
+def timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--bf16", action="store_true")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    cfg = load_config(os.path.join(ROOT, "configs", "default.yaml"), [])
+    mirror = load_mirror(os.path.join(ROOT, cfg.mirror))
+    model = Encoder.from_pretrained(resolve_model(cfg.model.name, mirror)).to(device).train()
+    table = load_table(cfg.data.train, "data.train", True, mirror)
+    collate = Collator(text_columns(table), model.tokenizer, model.max_seq_length)
+    tokenised = collate.pretokenize(table)
+    autocast = torch.autocast(device, torch.bfloat16) if args.bf16 else nullcontext()
+    dims = cfg.loss.dims
+    losses = {"plain CoSENT": MatryoshkaLoss(LOSSES["cosent"], [model.embedding_dim], nested_loss=NESTED_LOSSES["cosent"]),
+              f"Matryoshka CoSENT, {len(dims)} dims": MatryoshkaLoss(LOSSES["cosent"], dims,
+                                                                       nested_loss=NESTED_LOSSES["cosent"])}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimisers = {name: torch.optim.AdamW(trained, lr=1e-12, **kwargs)
+                  for name, kwargs in (("AdamW foreach", {"foreach": True}), ("AdamW fused", {"fused": True}))}
+
+    times = {}
+
+    def record(part: str, option: str, ms: float):
+        times.setdefault(part, {}).setdefault(option, []).append(ms)
+
+    for i in range(args.batches + 3):  # 3 warm-up batches
+        rows = range(i * args.batch_size, (i + 1) * args.batch_size)
+        text_rows, id_rows = [table[r] for r in rows], [tokenised[r] for r in rows]
+        batches = {}
+        for option, batch_rows in (("tokenise per step", text_rows), ("pad pre-tokenised ids", id_rows)):
+            ms = timed(lambda: batches.__setitem__(option, collate(batch_rows)), device)
+            if i >= 3:
+                record("collate", option, ms)
+        batch = {k: v.to(device) for k, v in batches["pad pre-tokenised ids"].items()}
+        labels = batch.pop("labels")
+        for groups in (1, 2, 4):
+            def step():
+                with autocast:
+                    embeddings = embed_by_length(model, batch, groups)
+                embeddings.float().sum().backward()
+            ms = timed(step, device)
+            if i >= 3:
+                record("encoder forward + backward", f"{groups} length group(s)", ms)
+        with torch.no_grad(), autocast:
+            embeddings = model(batch).float()
+        a, b = (e.detach().requires_grad_() for e in embeddings.chunk(2))
+        for name, loss_fn in losses.items():
+            ms = timed(lambda: loss_fn([a, b], labels)[0].backward(), device)
+            if i >= 3:
+                record("loss forward + backward", name, ms)
+        for name, optimiser in optimisers.items():
+            ms = timed(optimiser.step, device)
+            if i >= 3:
+                record("optimiser step", name, ms)
+        model.zero_grad()
+
+    where = f"cuda: {torch.cuda.get_device_name()}" if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    print(f"\n{where}, {'bf16' if args.bf16 else 'fp32'}, batch {args.batch_size} pairs, median of {args.batches} "
+          f"STS-B batches\n")
+    print("| part | option | ms per step | vs first option |")
+    print("| --- | --- | ---: | ---: |")
+    for part, options in times.items():
+        first = statistics.median(next(iter(options.values())))
+        for option, values in options.items():
+            median = statistics.median(values)
+            print(f"| {part} | {option} | {median:.2f} | {median / first:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
