@@ -135,7 +135,7 @@ loss_parameters = list(loss_fn.parameters())  # learned dim weights, if any: the
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0},
                                {"params": loss_parameters, "weight_decay": 0.0, "lr": cfg.loss.dim_weight_lr}],
-                              lr=cfg.train.lr)
+                              lr=cfg.train.lr, fused=accelerator.device.type in ("cuda", "cpu"))  # one kernel, not ~10 per tensor
 steps_per_epoch = math.ceil(len(loader) / (accelerator.num_processes * cfg.train.grad_accum))
 total_steps = min(cfg.train.epochs * steps_per_epoch, cfg.train.max_steps or math.inf)
 # a prepared scheduler steps once per process per optimiser step, hence the factor
