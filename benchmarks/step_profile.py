@@ -6,11 +6,12 @@ measured interleaved in one process (so drift in the machine's speed hits both a
 
 Parts: collate (tokenise per step vs pad pre-tokenised ids), forward + backward of the encoder (one forward vs
 length groups), the loss (plain CoSENT vs Matryoshka over 7 dims, forward + backward), the optimiser step
-(AdamW foreach vs fused). Milliseconds per step, median over the batches.
+(AdamW foreach vs fused). Milliseconds per step, median over shuffled batches, as training draws them.
 """
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -67,8 +68,10 @@ def main():
     def record(part: str, option: str, ms: float):
         times.setdefault(part, {}).setdefault(option, []).append(ms)
 
+    order = list(range(len(table)))
+    random.Random(0).shuffle(order)  # batches as training draws them: the table's own order groups similar texts
     for i in range(args.batches + 3):  # 3 warm-up batches
-        rows = range(i * args.batch_size, (i + 1) * args.batch_size)
+        rows = order[i * args.batch_size:(i + 1) * args.batch_size]
         text_rows, id_rows = [table[r] for r in rows], [tokenised[r] for r in rows]
         batches = {}
         for option, batch_rows in (("tokenise per step", text_rows), ("pad pre-tokenised ids", id_rows)):
@@ -100,7 +103,7 @@ def main():
 
     where = f"cuda: {torch.cuda.get_device_name()}" if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     print(f"\n{where}, {'bf16' if args.bf16 else 'fp32'}, batch {args.batch_size} pairs, median of {args.batches} "
-          f"STS-B batches\n")
+          f"shuffled STS-B batches\n")
     print("| part | option | ms per step | vs first option |")
     print("| --- | --- | ---: | ---: |")
     for part, options in times.items():
