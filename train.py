@@ -212,9 +212,9 @@ if not args.resume and cfg.eval.at_start and eval_tables:  # the starting point,
 model.train()
 running, counts = {}, {}  # per-key loss sums and counts since the last log, on the device (no sync per step)
 step_dims, dims_trained = set(), {}  # the dims of this optimiser step; how many steps trained each dim
-if cfg.loss.n_dims_per_step is not None and accelerator.is_main_process:  # one line per step, appended below
+dims_log = os.path.join(cfg.output_dir, "dims_trained.jsonl")  # with n_dims_per_step: one line per step
+if cfg.loss.n_dims_per_step is not None and accelerator.is_main_process:
     os.makedirs(cfg.output_dir, exist_ok=True)
-    dims_log = os.path.join(cfg.output_dir, "dims_trained.jsonl")
     kept = []  # on resume: the steps up to the checkpoint (a crashed run may have logged steps past it)
     if args.resume and os.path.exists(dims_log):
         with open(dims_log) as f:
@@ -261,7 +261,7 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
         progress.step += 1
         bar.update(1)
         if cfg.loss.n_dims_per_step is not None and accelerator.is_main_process:  # which dims this step trained
-            with open(os.path.join(cfg.output_dir, "dims_trained.jsonl"), "a") as f:
+            with open(dims_log, "a") as f:
                 f.write(json.dumps({"step": progress.step, "dims": sorted(step_dims, reverse=True)}) + "\n")
         for d in step_dims:
             dims_trained[d] = dims_trained.get(d, 0) + 1
@@ -270,7 +270,7 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
             logs = {"train/loss" if d == "total" else f"train/loss/{f'd{d}' if isinstance(d, int) else d}":
                     (v / counts[d]).item() for d, v in running.items()}  # .item(): one host sync per log interval
             logs["train/lr"] = scheduler.get_last_lr()[0]
-            if cfg.loss.matryoshka and loss_parameters:
+            if loss_parameters:  # learned dim weights
                 logs.update({f"train/dim_weight/d{d}": w for d, w in dims_loss_fn.current_weights().items()})
             bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
             accelerator.log(logs, step=progress.step)

@@ -25,10 +25,6 @@ def model_card(config: dict, results: dict, command: str, embedding_dim: int) ->
     model, loss, train, data, evaluation = (config[k] for k in ("model", "loss", "train", "data", "eval"))
     base = model["name"]
     rule = loss["dim_weights"] if isinstance(loss["dim_weights"], str) else None
-    weight_of = {int(d): w for d, w in results.get("train", {}).get("dim_weights", {}).items()}  # as trained
-    if not weight_of:
-        weight_of = dict(zip(loss["dims"], [1.0] * len(loss["dims"]) if rule else loss["dim_weights"] or
-                             [1.0] * len(loss["dims"])))
     dims = sorted(loss["dims"], reverse=True) if loss["matryoshka"] else [embedding_dim]
     example_dim = min((d for d in dims if d < embedding_dim), default=embedding_dim, key=lambda d: abs(d - 64))
     is_hub_id = not os.path.exists(base) and base.count("/") == 1
@@ -40,6 +36,7 @@ def model_card(config: dict, results: dict, command: str, embedding_dim: int) ->
     header.append("---")
 
     if loss["matryoshka"]:
+        weight_of = {int(d): w for d, w in results["train"]["dim_weights"].items()}  # as trained (learned: at the end)
         weights = [weight_of[d] for d in dims]
         objective = (f"`{loss['name']}` loss (scale {loss['scale']:g}) inside a Matryoshka loss over the dims "
                      f"{', '.join(map(str, dims))} ("

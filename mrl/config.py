@@ -204,17 +204,16 @@ def validate(cfg: Config) -> None:
         cfg.log.with_ = [cfg.log.with_]
     if loss.name not in LOSSES:
         raise ValueError(f"loss.name: expected one of {sorted(LOSSES)}, got {loss.name!r}")
-    check_dims(loss.dims, loss.dim_weights, loss.n_dims_per_step, field="loss.dims", always_full=loss.always_full_dim)
+    check_dims(loss.dims, loss.dim_weights, loss.n_dims_per_step, field="loss.dims", always_full=loss.always_full_dim,
+               schedule=loss.dim_schedule, distill_weight=loss.distill_weight,
+               distill_temperature=loss.distill_temperature)
     if loss.n_dims_per_step is None:
         for name, value, default in (("dim_schedule", loss.dim_schedule, "random"),
                                      ("always_full_dim", loss.always_full_dim, False)):
             if value != default:
                 raise ValueError(f"loss.{name}: only has an effect with loss.n_dims_per_step set (got {value!r})")
-    if loss.dim_schedule not in ("random", "cyclic"):
-        raise ValueError(f"loss.dim_schedule: expected random | cyclic, got {loss.dim_schedule!r}")
-    if loss.distill_weight < 0 or loss.distill_temperature <= 0 or loss.dim_weight_lr <= 0:
-        raise ValueError(f"loss.distill_weight must be >= 0, loss.distill_temperature and loss.dim_weight_lr > 0; "
-                         f"got {loss.distill_weight}, {loss.distill_temperature}, {loss.dim_weight_lr}")
+    if loss.dim_weight_lr <= 0:
+        raise ValueError(f"loss.dim_weight_lr: must be > 0, got {loss.dim_weight_lr}")
     if not loss.matryoshka:
         for name, default in (("dim_weights", None), ("n_dims_per_step", None), ("distill_weight", 0.0)):
             if getattr(loss, name) != default:

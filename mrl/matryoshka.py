@@ -9,8 +9,9 @@ from torch import Tensor, nn
 
 
 def check_dims(dims: Sequence[int], weights: Sequence[float] | str | None = None, n_dims_per_step: int | None = None,
-               embedding_dim: int | None = None, field: str = "dims", always_full: bool = False) -> None:
-    """Raise ValueError, naming `field`, if the nested dims (and their weights) cannot be trained."""
+               embedding_dim: int | None = None, field: str = "dims", always_full: bool = False,
+               schedule: str = "random", distill_weight: float = 0.0, distill_temperature: float = 0.05) -> None:
+    """Raise ValueError, naming `field`, if the nested dims (and how they are trained) cannot be trained."""
     if not dims:
         raise ValueError(f"{field}: needs at least one dimension, got {list(dims)}")
     for d in dims:
@@ -35,6 +36,11 @@ def check_dims(dims: Sequence[int], weights: Sequence[float] | str | None = None
     if always_full and n_dims_per_step == 1:
         raise ValueError(f"{prefix}always_full_dim: with {prefix}n_dims_per_step=1 only the largest dim would train "
                          f"(no Matryoshka); set {prefix}n_dims_per_step >= 2")
+    if schedule not in ("random", "cyclic"):
+        raise ValueError(f"{prefix}dim_schedule: expected random | cyclic, got {schedule!r}")
+    if distill_weight < 0 or distill_temperature <= 0:
+        raise ValueError(f"{prefix}distill_weight must be >= 0 and {prefix}distill_temperature > 0, "
+                         f"got {distill_weight} and {distill_temperature}")
 
 
 # Fixed rules for the weight of each dim d of a model of width D; rescaled so that the weights average 1 (the
@@ -117,12 +123,8 @@ class MatryoshkaLoss(nn.Module):
                  always_full: bool = False, distill_weight: float = 0.0, distill_temperature: float = 0.05,
                  nested_scores: Callable[..., Tensor] | None = None):
         super().__init__()
-        check_dims(dims, weights, n_dims_per_step, always_full=always_full)
-        if schedule not in ("random", "cyclic"):
-            raise ValueError(f"dim_schedule: expected random | cyclic, got {schedule!r}")
-        if distill_weight < 0 or distill_temperature <= 0:
-            raise ValueError(f"distill_weight must be >= 0 and distill_temperature > 0, "
-                             f"got {distill_weight} and {distill_temperature}")
+        check_dims(dims, weights, n_dims_per_step, always_full=always_full, schedule=schedule,
+                   distill_weight=distill_weight, distill_temperature=distill_temperature)
         if distill_weight > 0 and nested_scores is None:
             raise ValueError("distill_weight > 0 needs nested_scores (see mrl.losses.NESTED_SCORES)")
         self.learned = weights == "learned"
