@@ -44,6 +44,7 @@ def main():
                         help="funnels to measure, e.g. 48:1000,256:100,384:10 (default: a few from the model's width)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bf16-shortlist", action="store_true", help="also run every funnel with a bf16 first stage")
+    parser.add_argument("--int8-shortlist", action="store_true", help="also run every funnel with an int8 first stage")
     parser.add_argument("--cache", default="runs/funnel_embeddings.pt", help="embeddings cache (per model)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -83,6 +84,9 @@ def main():
     if args.bf16_shortlist:
         indexes["bf16"] = FunnelIndex(corpus, dims, shortlist_dtype=torch.bfloat16)
         indexes["bf16"].prefixes = indexes["float32"].prefixes  # the same float32 prefixes for re-scoring
+    if args.int8_shortlist:
+        indexes["int8"] = FunnelIndex(corpus, dims, shortlist_dtype=torch.int8)
+        indexes["int8"].prefixes = indexes["float32"].prefixes
     exact_index = indexes["float32"]
     full = exact_index.prefixes[width]
     q_full = prefix(queries, width)

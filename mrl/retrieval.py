@@ -111,40 +111,53 @@ def top_k(queries: Tensor, corpus: Tensor, k: int, chunk_size: int = 65_536) -> 
 
     The corpus is scanned in chunks of `chunk_size` rows into one reused (Q, chunk) score buffer (no fresh
     allocation per chunk), keeping a running top k, so memory stays at Q × chunk_size scores however large
-    the corpus (1M × 768 fits). Scores are computed in the dtype of the inputs.
+    the corpus (1M × 768 fits). Scores are computed in the dtype of the inputs; int8 codes (see
+    quantize_int8_queries) give exact int32 dot products of the codes.
     """
     k = min(k, len(corpus))
-    buffer = queries.new_empty(len(queries), min(chunk_size, len(corpus)))
-    best_scores = queries.new_empty(len(queries), 0)
+    matmul = torch._int_mm if queries.dtype == torch.int8 else torch.matmul  # int8 × int8 -> int32, exact
+    buffer = torch.empty(len(queries), min(chunk_size, len(corpus)), device=queries.device,
+                         dtype=torch.int32 if queries.dtype == torch.int8 else queries.dtype)
+    best_scores = buffer.new_empty(len(queries), 0)
     best_index = torch.empty(len(queries), 0, dtype=torch.long, device=queries.device)
     for start in range(0, len(corpus), chunk_size):
         block = corpus[start:start + chunk_size]
-        scores = torch.matmul(queries, block.T, out=buffer[:, :len(block)])  # (Q, chunk)
-        chunk_scores, chunk_index = _chunk_top_k(scores, min(k, len(block)))
+        # a whole buffer for full chunks (_int_mm writes only into a contiguous output), a fresh one for the last
+        scores = matmul(queries, block.T, out=buffer) if len(block) == buffer.shape[1] else matmul(queries, block.T)
+        floor = best_scores[:, -1:] if best_scores.shape[1] == k else None  # k-th best so far (kept sorted)
+        chunk_scores, chunk_index = _chunk_top_k(scores, min(k, len(block)), floor)
         merged_scores = torch.cat([best_scores, chunk_scores], dim=1)
         merged_index = torch.cat([best_index, chunk_index + start], dim=1)
-        best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1, sorted=False)
+        best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
         best_index = merged_index.gather(1, order)
-    best_scores, order = best_scores.sort(dim=1, descending=True)
-    return best_scores, best_index.gather(1, order)
+    return best_scores, best_index
 
 
-def _chunk_top_k(scores: Tensor, k: int, group: int = 32) -> tuple[Tensor, Tensor]:
-    """Exact top k of each row (unsorted), through groups: the rows are cut into groups of `group` columns, the k
-    groups with the largest maxima are kept, and the top k is taken among their k·group members only.
+def _chunk_top_k(scores: Tensor, k: int, floor: Tensor | None = None, group: int = 32) -> tuple[Tensor, Tensor]:
+    """The top k of each row (unsorted), through groups. The columns are dealt into groups of `group` (halved,
+    down to 4, while k·group·4 > W; group j holds columns j, j + W/group, j + 2W/group, ...); the k' groups
+    with the largest maxima are kept, and the top min(k, k'·group) is taken among their members only. k' = k;
+    given each row's floor (Q, 1), k' = the most groups any row has with a maximum above its floor.
 
     Exact: a column among the top k has a score >= s_k (the k-th best), so its group's maximum is >= s_k; at
     most k groups reach s_k (each holds one of the k columns that do), and all of them are among the k groups
-    with the largest maxima. A max over contiguous groups is one cheap pass; the costly selection then runs
-    over k·group columns instead of the whole chunk.
+    with the largest maxima. With a floor (the k-th best of a running search), only columns above it can enter
+    the running top k; each lies in a group whose maximum is above the floor, and its row's k' best groups
+    include all such groups. The group maxima are one elementwise max over `group` contiguous slices of the
+    row (cheaper than a reduction over short runs); the costly selection then runs over k'·group columns
+    instead of the whole chunk, and k' shrinks as the floor rises.
     """
     n_rows, width = scores.shape
+    while group > 4 and (k * group * 4 > width or width % group):  # smaller groups for a large k
+        group //= 2
     if k * group * 4 > width or width % group:  # too few groups to pay off: plain top-k
         return scores.topk(k, dim=1, sorted=False)
-    group_max = scores.view(n_rows, width // group, group).amax(dim=-1)  # (Q, width / group)
-    groups = group_max.topk(k, dim=1, sorted=False).indices  # (Q, k)
-    members = (groups.unsqueeze(-1) * group + torch.arange(group, device=scores.device)).flatten(1)  # (Q, k·group)
-    member_scores, position = scores.gather(1, members).topk(k, dim=1, sorted=False)
+    n_groups = width // group
+    group_max = scores.view(n_rows, group, n_groups).amax(dim=1)  # (Q, n_groups)
+    n_best_groups = k if floor is None else max(1, min(k, int((group_max > floor).sum(1).max())))
+    groups = group_max.topk(n_best_groups, dim=1, sorted=False).indices  # (Q, k')
+    members = (groups.unsqueeze(-1) + n_groups * torch.arange(group, device=scores.device)).flatten(1)  # (Q, k'·group)
+    member_scores, position = scores.gather(1, members).topk(min(k, members.shape[1]), dim=1, sorted=False)
     return member_scores, members.gather(1, position)
 
 
@@ -165,24 +178,38 @@ class FunnelIndex:
     1000 candidates per query, re-scored with 256 dims to keep 100, re-scored with 768 dims to keep 10.
     Cost per query: N·d₁ + Σ_i keep_{i-1}·d_i multiply-adds, instead of N·D for exact full-width search.
 
-    shortlist_dtype: the first stage's prefix matrix and scores in this dtype (e.g. torch.bfloat16: half the
-    memory, and a matmul several times faster where the CPU or GPU has bf16 units); later stages, which decide
-    the final order, score in float32.
+    shortlist_dtype: the first stage's prefix matrix and scores in this dtype; later stages, which decide the
+    final order, score in float32. torch.bfloat16: half the memory, and a matmul several times faster where
+    the CPU or GPU has bf16 units. torch.int8: a quarter of the memory; the corpus prefix as int8 codes with
+    per-dim scales calibrated on it (quantize_int8), each query as int8 codes of q·scales
+    (quantize_int8_queries), scored by int8 × int8 -> int32 matmuls (VNNI on x86 CPUs, int8 tensor cores on
+    GPUs). A one-stage search returns those int32 code scores. Measured on CPU only; torch._int_mm on CUDA
+    has shape rules of its own (more than 16 queries, dims divisible by 8).
     """
 
     def __init__(self, corpus: Tensor, dims: list[int], shortlist_dtype: torch.dtype = torch.float32):
+        if shortlist_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.int8):
+            raise ValueError(f"shortlist_dtype: expected float32, bfloat16, float16 or int8, got {shortlist_dtype}")
         self.size, self.shortlist_dtype = len(corpus), shortlist_dtype
         self.prefixes = {d: prefix(corpus, d) for d in sorted(set(dims))}
-        self.shortlist = {}  # first-stage prefixes in shortlist_dtype, made on first use
+        self.shortlist = {}  # dim -> (first-stage matrix in shortlist_dtype, int8 scales or None), made on first use
 
-    def _shortlist(self, dim: int) -> Tensor:
+    def _shortlist(self, dim: int) -> tuple[Tensor, Tensor | None]:
         if dim not in self.shortlist:
-            self.shortlist[dim] = self.prefixes[dim].to(self.shortlist_dtype)
+            corpus = self.prefixes[dim]
+            if self.shortlist_dtype == torch.int8:
+                scales = int8_scales(corpus)
+                self.shortlist[dim] = quantize_int8(corpus, scales), scales
+            else:
+                self.shortlist[dim] = corpus.to(self.shortlist_dtype), None
         return self.shortlist[dim]
 
     def search(self, queries: Tensor, stages: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
         (dim, keep), later = stages[0], stages[1:]
-        scores, index = top_k(prefix(queries, dim).to(self.shortlist_dtype), self._shortlist(dim), keep)
+        corpus, scales = self._shortlist(dim)
+        first = prefix(queries, dim)
+        first = quantize_int8_queries(first, scales) if scales is not None else first.to(self.shortlist_dtype)
+        scores, index = top_k(first, corpus, keep)
         for dim, keep in later:
             scores, index = rerank(prefix(queries, dim), self.prefixes[dim], index, keep)
         return scores, index
@@ -206,6 +233,14 @@ def int8_scales(corpus: Tensor) -> Tensor:
 def quantize_int8(x: Tensor, scales: Tensor) -> Tensor:
     """x ≈ codes · scales, codes int8 in [-127, 127]: d bytes per vector (the scales are shared)."""
     return (x / scales).round().clamp(-127, 127).to(torch.int8)
+
+
+def quantize_int8_queries(queries: Tensor, scales: Tensor) -> Tensor:
+    """Query codes for int8 × int8 search against corpus codes X (x ≈ X·scales): q·x ≈ Σ_c (q_c·s_c)·X_c, so
+    q·scales is quantised with a symmetric range of its own per query. That range multiplies all of a
+    query's scores by one positive factor, so codes_q · Xᵀ ranks the corpus as q·x does, up to rounding."""
+    weighted = queries * scales
+    return (weighted / weighted.abs().amax(1, keepdim=True).clamp_min(1e-12) * 127).round().to(torch.int8)
 
 
 def quantize_binary(x: Tensor) -> Tensor:

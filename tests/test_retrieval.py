@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import SHARED
-from mrl.retrieval import (FunnelIndex, RetrievalSet, evaluate_retrieval, int8_scales, load_beir, mrr_at_k,
-                           ndcg_at_k, nli_retrieval_set, prefix, quantize_binary, quantize_int8, quantized_search,
+from mrl.retrieval import (FunnelIndex, _chunk_top_k, RetrievalSet, evaluate_retrieval, int8_scales, load_beir, mrr_at_k,
+                           ndcg_at_k, nli_retrieval_set, prefix, quantize_binary, quantize_int8,
+                           quantize_int8_queries, quantized_search,
                            recall_at_k, retrieval_metrics, storage_bytes, top_k, unpack_signs)
 
 
@@ -133,12 +134,47 @@ def test_nli_retrieval_set_from_shared():
         assert {text[d] for d in data.qrels[q]} == positives[anchor]
 
 
-def test_bf16_shortlist_keeps_the_float32_order_of_its_survivors():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_low_precision_shortlist_keeps_the_float32_order_of_its_survivors(dtype):
     q, c = random_unit(6, 64, 11), random_unit(400, 64, 12)
     exact_scores, exact = top_k(prefix(q, 64), prefix(c, 64), 10)
-    scores, index = FunnelIndex(c, [16, 64], shortlist_dtype=torch.bfloat16).search(q, [(16, 400), (64, 10)])
+    scores, index = FunnelIndex(c, [16, 64], shortlist_dtype=dtype).search(q, [(16, 400), (64, 10)])
     assert torch.equal(index, exact)  # the shortlist keeps everything: only float32 decides
     assert scores.dtype == torch.float32
+
+
+def test_int8_top_k_is_exact_on_the_codes():
+    """int8 queries against int8 codes: the int32 dot products of the codes, their top k exactly (chunked,
+    grouped selection, and a last chunk shorter than the others)."""
+    c = prefix(random_unit(20_000, 32, 18), 32)
+    scales = int8_scales(c)
+    codes, query_codes = quantize_int8(c, scales), quantize_int8_queries(prefix(random_unit(7, 32, 19), 32), scales)
+    scores, index = top_k(query_codes, codes, 25, chunk_size=8192)
+    full = query_codes.long() @ codes.long().T
+    assert scores.dtype == torch.int32
+    assert torch.equal(scores.long(), full.topk(25, dim=1).values)
+    assert torch.equal(full.gather(1, index), scores.long())
+
+
+def test_int8_query_codes_score_within_the_rounding_bound():
+    """With q·scales quantised per query to a range a (codes Q = q·s·127/a + δ) and the corpus to codes
+    X = x/s + f (|δ|, |f| <= 1/2): a/127 · Q·X differs from q·x by at most
+    Σ_c |q_c s_c|/2 + (a/254)·|x_c/s_c| + a/508."""
+    q, c = prefix(random_unit(5, 64, 20), 64), prefix(random_unit(300, 64, 21), 64)
+    scales = int8_scales(c)
+    codes, query_codes = quantize_int8(c, scales), quantize_int8_queries(q, scales)
+    assert query_codes.dtype == torch.int8 and query_codes.abs().max() == 127
+    a = (q * scales).abs().amax(1, keepdim=True)  # (Q, 1): each query's range
+    approx = a / 127 * (query_codes.float() @ codes.float().T)
+    bound = ((q * scales).abs() / 2).sum(1, keepdim=True) + a / 254 * (c / scales).abs().sum(1) + a / 508 * 64
+    error = (approx - q @ c.T).abs()
+    assert (error <= bound + 1e-5).all()
+    assert error.max() > 0
+
+
+def test_shortlist_dtype_is_checked():
+    with pytest.raises(ValueError, match="shortlist_dtype"):
+        FunnelIndex(random_unit(10, 8, 22), [8], shortlist_dtype=torch.int32)
 
 
 def test_a_document_with_the_query_id_is_not_a_result():
@@ -152,13 +188,27 @@ def test_flops_count_only_the_survivors():
     assert index.flops_per_query([(8, 10), (16, 40)]) == 2 * (50 * 8 + 10 * 16)
 
 
-@pytest.mark.parametrize("k", [1, 10, 60])
+@pytest.mark.parametrize("k", [1, 10, 60, 500])  # 500: groups of 4
 def test_grouped_top_k_is_exact(k):
     """Chunks wide enough for the grouped selection (see _chunk_top_k) give the same top k as a full sort,
     also with ties and with the best scores packed into one group."""
     q, c = random_unit(5, 16, 14), random_unit(20_000, 16, 15)
-    c[100:132] = c[7]  # one group full of the same strong document for some queries: ties across a group
+    c[100:132] = c[7]  # ties in a run of columns
+    c[torch.arange(32) * 256 + 9] = c[7].clone()  # and one whole group (columns 9, 9 + 8192/32, ... of the first chunk)
     scores, index = top_k(q, c, k, chunk_size=8192)
     full_scores, _ = (q @ c.T).topk(k, dim=1)
     torch.testing.assert_close(scores, full_scores)
     torch.testing.assert_close(torch.einsum("qd,qkd->qk", q, c[index]), full_scores)
+
+
+def test_grouped_top_k_above_a_floor_keeps_every_column_above_it():
+    """With a running search's floor, only groups whose maximum is above it are searched, but all of their
+    columns above the floor come back: here one group holds all 32 of them."""
+    scores = torch.randn(2, 8192, generator=torch.Generator().manual_seed(23)) * 0.1
+    strong = 5 + 256 * torch.arange(32)  # group 5 of 8192 / 32 = 256 groups
+    scores[0, strong] = 1 + 0.01 * torch.arange(32.0)
+    floor = torch.full((2, 1), 0.9)
+    kept_scores, kept = _chunk_top_k(scores, 40, floor)
+    assert set(strong.tolist()) <= set(kept[0].tolist())
+    assert torch.equal(scores.gather(1, kept), kept_scores)
+    assert set(_chunk_top_k(scores, 40)[1][1].tolist()) == set(scores[1].topk(40).indices.tolist())  # no floor
