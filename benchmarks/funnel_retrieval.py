@@ -81,12 +81,10 @@ def main():
         [(96, 100), (width, 10)]]
     dims = [width] + [d for stages in stages_list for d, _ in stages]
     indexes = {"float32": FunnelIndex(corpus, dims)}
-    if args.bf16_shortlist:
-        indexes["bf16"] = FunnelIndex(corpus, dims, shortlist_dtype=torch.bfloat16)
-        indexes["bf16"].prefixes = indexes["float32"].prefixes  # the same float32 prefixes for re-scoring
-    if args.int8_shortlist:
-        indexes["int8"] = FunnelIndex(corpus, dims, shortlist_dtype=torch.int8)
-        indexes["int8"].prefixes = indexes["float32"].prefixes
+    for name, dtype, wanted in (("bf16", torch.bfloat16, args.bf16_shortlist), ("int8", torch.int8, args.int8_shortlist)):
+        if wanted:  # only the first stage in `dtype`: the float32 prefixes (re-scoring) are shared, not made again
+            indexes[name] = FunnelIndex(corpus, [], shortlist_dtype=dtype)
+            indexes[name].prefixes = indexes["float32"].prefixes
     exact_index = indexes["float32"]
     full = exact_index.prefixes[width]
     q_full = prefix(queries, width)
