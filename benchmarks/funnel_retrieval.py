@@ -1,6 +1,6 @@
 """Funnel (adaptive) retrieval vs full-width exact search on a 1M-document corpus: speed, FLOPs, recall, nDCG.
 
-The corpus: the real embeddings of every distinct NLI hypothesis in the triplet files (about 39k), plus
+The corpus: the real embeddings of every distinct NLI hypothesis in the triplet files (about 35k), plus
 augmented copies up to --corpus-size: copy = normalize(e + σ·g), g ~ N(0, I/D), so each copy is a near
 neighbour of a real text (σ = 0.75 gives cosine ≈ 0.8 to its source). Queries: the last --queries premises of
 the files (mrl.retrieval.nli_retrieval_set); relevant documents: their real entailments. Both searches run in
@@ -12,12 +12,14 @@ this process on the same tensors; the speed-up is the ratio of their wall times.
 
 import argparse
 import os
+import statistics
 import time
 
 import torch
 
 from mrl import Encoder
-from mrl.retrieval import FunnelIndex, nli_retrieval_set, prefix, rankings_from, retrieval_metrics, top_k
+from mrl.funnel import FunnelIndex
+from mrl.retrieval import nli_retrieval_set, prefix, rankings_from, retrieval_metrics, top_k
 
 
 def parse_stages(text: str) -> list[tuple[int, int]]:
@@ -26,11 +28,15 @@ def parse_stages(text: str) -> list[tuple[int, int]]:
 
 
 def timed(fn, repeats: int):
-    fn()  # warm-up
-    start = time.perf_counter()
+    """fn's result and its median wall time over `repeats` runs after a warm-up (the median, as the 2-core
+    VMs this was written on stall now and then: runs of one search varied by up to 1.5×)."""
+    fn()
+    seconds = []
     for _ in range(repeats):
+        start = time.perf_counter()
         out = fn()
-    return out, (time.perf_counter() - start) / repeats
+        seconds.append(time.perf_counter() - start)
+    return out, statistics.median(seconds)
 
 
 def main():
@@ -45,6 +51,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bf16-shortlist", action="store_true", help="also run every funnel with a bf16 first stage")
     parser.add_argument("--int8-shortlist", action="store_true", help="also run every funnel with an int8 first stage")
+    parser.add_argument("--ivf", type=int, default=0, metavar="CLUSTERS",
+                        help="also run every funnel with an IVF first stage of this many k-means clusters")
+    parser.add_argument("--probes", type=int, nargs="+", default=[64, 128], help="n_probe values for --ivf")
     parser.add_argument("--cache", default="runs/funnel_embeddings.pt", help="embeddings cache (per model)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -80,31 +89,46 @@ def main():
         [(64, 200), (width, 10)],
         [(96, 100), (width, 10)]]
     dims = [width] + [d for stages in stages_list for d, _ in stages]
-    indexes = {"float32": FunnelIndex(corpus, dims)}
-    for name, dtype, wanted in (("bf16", torch.bfloat16, args.bf16_shortlist), ("int8", torch.int8, args.int8_shortlist)):
-        if wanted:  # only the first stage in `dtype`: the float32 prefixes (re-scoring) are shared, not made again
-            indexes[name] = FunnelIndex(corpus, [], shortlist_dtype=dtype)
-            indexes[name].prefixes = indexes["float32"].prefixes
-    exact_index = indexes["float32"]
+    exact_index = FunnelIndex(corpus, dims)
+    searches = [("float32 shortlist", exact_index, None)]  # (name, index, n_probe)
+    dtypes = [("float32", torch.float32)] + [(n, t) for n, t, wanted in (("bf16", torch.bfloat16, args.bf16_shortlist),
+                                                                         ("int8", torch.int8, args.int8_shortlist)) if wanted]
+    for name, dtype in dtypes:  # only the first stage in `dtype`: the float32 prefixes (re-scoring) are shared
+        if dtype != torch.float32:
+            searches.append((f"{name} shortlist", FunnelIndex(corpus, [], shortlist_dtype=dtype), None))
+        if args.ivf:  # one IVF index per first-stage dim, searched with each n_probe
+            ivf_index = FunnelIndex(corpus, [], dtype, args.ivf)
+            searches += [(f"{name} IVF, {args.ivf} clusters, probe {p}", ivf_index, p) for p in args.probes]
+    for _, index, _ in searches:
+        index.prefixes = exact_index.prefixes
     full = exact_index.prefixes[width]
     q_full = prefix(queries, width)
     (exact_scores, exact_top), exact_seconds = timed(lambda: top_k(q_full, full, 10), args.repeats)
     exact_metrics = retrieval_metrics(rankings_from(exact_top, data), data.qrels)
     exact_flops = 2 * len(corpus) * width
 
-    print("\n| search | FLOPs/query | ms/query | speed-up | recall of full-width top-10 | nDCG@10 | MRR@10 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| exact, {width} dims | {exact_flops / 1e6:.0f}M | {1000 * exact_seconds / len(queries):.3f} | 1.0× | "
-          f"100.0% | {exact_metrics['ndcg@10']:.2f} | {exact_metrics['mrr@10']:.2f} |")
-    for (shortlist, index), stages in ((i, s) for i in indexes.items() for s in stages_list):
-        (_, top), seconds = timed(lambda: index.search(queries, stages), args.repeats)
+    rows = [f"| exact, {width} dims | {exact_flops / 1e6:.0f}M | {1000 * exact_seconds / len(queries):.3f} | 1.0× | "
+            f"100.0% | {exact_metrics['ndcg@10']:.2f} | {exact_metrics['mrr@10']:.2f} |"]
+    for (shortlist, index, n_probe), stages in ((s, st) for s in searches for st in stages_list):
+        scanned = None
+        if n_probe is not None:  # build the IVF index outside the timing, and count what a query scans
+            start = time.perf_counter()
+            ivf = index.first_stage(stages[0][0])
+            if time.perf_counter() - start > 1:
+                print(f"IVF index on {stages[0][0]} dims ({shortlist.split(',')[0]}): {ivf.n_lists} lists, "
+                      f"built in {time.perf_counter() - start:.1f} s", flush=True)
+            scanned = ivf.scanned(prefix(queries, stages[0][0]), n_probe)
+        (_, top), seconds = timed(lambda: index.search(queries, stages, n_probe), args.repeats)
         overlap = sum(len(set(a) & set(b)) for a, b in zip(top.tolist(), exact_top.tolist())) / exact_top.numel()
         metrics = retrieval_metrics(rankings_from(top, data), data.qrels)
-        name = " → ".join(f"{d}d keep {k}" for d, k in stages) + f" ({shortlist} shortlist)"
-        print(f"| funnel {name} | {index.flops_per_query(stages) / 1e6:.0f}M | "
-              f"{1000 * seconds / len(queries):.3f} | {exact_seconds / seconds:.1f}× | {100 * overlap:.1f}% | "
-              f"{metrics['ndcg@10']:.2f} | {metrics['mrr@10']:.2f} |")
-
+        name = " → ".join(f"{d}d keep {k}" for d, k in stages) + f" ({shortlist})"
+        rows.append(f"| funnel {name} | {index.flops_per_query(stages, scanned) / 1e6:.0f}M | "
+                    f"{1000 * seconds / len(queries):.3f} | {exact_seconds / seconds:.1f}× | {100 * overlap:.1f}% | "
+                    f"{metrics['ndcg@10']:.2f} | {metrics['mrr@10']:.2f} |")
+        print(rows[-1], flush=True)
+    print("\n| search | FLOPs/query | ms/query | speed-up | recall of full-width top-10 | nDCG@10 | MRR@10 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n".join(rows))
 
 if __name__ == "__main__":
     main()

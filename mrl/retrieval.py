@@ -1,4 +1,5 @@
-"""Retrieval with nested embeddings: exact search at any dim, funnel search, quantised search, and the metrics.
+"""Retrieval with nested embeddings: exact search at any dim, quantised search, and the metrics (funnel search:
+mrl.funnel; inverted-file search: mrl.ivf).
 
 Embeddings here are float tensors at full width; a dim d means the first d columns, re-normalised, exactly as
 in training (mrl.matryoshka) and in STS evaluation (mrl.evaluation). Relevance judgements (qrels) are
@@ -164,63 +165,13 @@ def _chunk_top_k(scores: Tensor, k: int, floor: Tensor | None = None, group: int
 def rerank(queries: Tensor, corpus: Tensor, candidates: Tensor, k: int, query_chunk: int = 256
            ) -> tuple[Tensor, Tensor]:
     """Score only the (Q, n) candidate rows of corpus for each query and keep the best k: (Q, k), (Q, k).
-    Queries go `query_chunk` at a time, so the gathered candidates take query_chunk × n × d floats at most."""
+    A candidate -1 (none: an approximate first stage that found fewer than n) scores -inf. Queries go
+    `query_chunk` at a time, so the gathered candidates take query_chunk × n × d floats at most."""
     scores = torch.cat([torch.einsum("qd,qnd->qn", queries[i:i + query_chunk], corpus[candidates[i:i + query_chunk]])
                         for i in range(0, len(queries), query_chunk)])  # (Q, n)
+    scores = scores.masked_fill(candidates < 0, float("-inf"))
     best_scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
     return best_scores, candidates.gather(1, order)
-
-
-class FunnelIndex:
-    """A corpus kept as re-normalised prefixes, one contiguous matrix per dim of the funnel's stages.
-
-    search(queries, stages=[(48, 1000), (256, 100), (768, 10)]): exact search with the first 48 dims keeps
-    1000 candidates per query, re-scored with 256 dims to keep 100, re-scored with 768 dims to keep 10.
-    Cost per query: N·d₁ + Σ_i keep_{i-1}·d_i multiply-adds, instead of N·D for exact full-width search.
-
-    shortlist_dtype: the first stage's prefix matrix and scores in this dtype; later stages, which decide the
-    final order, score in float32. torch.bfloat16: half the memory, and a matmul several times faster where
-    the CPU or GPU has bf16 units. torch.int8: a quarter of the memory; the corpus prefix as int8 codes with
-    per-dim scales calibrated on it (quantize_int8), each query as int8 codes of q·scales
-    (quantize_int8_queries), scored by int8 × int8 -> int32 matmuls (VNNI on x86 CPUs, int8 tensor cores on
-    GPUs). A one-stage search returns those int32 code scores. Measured on CPU only; torch._int_mm on CUDA
-    has shape rules of its own (more than 16 queries, dims divisible by 8).
-    """
-
-    def __init__(self, corpus: Tensor, dims: list[int], shortlist_dtype: torch.dtype = torch.float32):
-        if shortlist_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.int8):
-            raise ValueError(f"shortlist_dtype: expected float32, bfloat16, float16 or int8, got {shortlist_dtype}")
-        self.size, self.shortlist_dtype = len(corpus), shortlist_dtype
-        self.prefixes = {d: prefix(corpus, d) for d in sorted(set(dims))}
-        self.shortlist = {}  # dim -> (first-stage matrix in shortlist_dtype, int8 scales or None), made on first use
-
-    def _shortlist(self, dim: int) -> tuple[Tensor, Tensor | None]:
-        if dim not in self.shortlist:
-            corpus = self.prefixes[dim]
-            if self.shortlist_dtype == torch.int8:
-                scales = int8_scales(corpus)
-                self.shortlist[dim] = quantize_int8(corpus, scales), scales
-            else:
-                self.shortlist[dim] = corpus.to(self.shortlist_dtype), None
-        return self.shortlist[dim]
-
-    def search(self, queries: Tensor, stages: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
-        (dim, keep), later = stages[0], stages[1:]
-        corpus, scales = self._shortlist(dim)
-        first = prefix(queries, dim)
-        first = quantize_int8_queries(first, scales) if scales is not None else first.to(self.shortlist_dtype)
-        scores, index = top_k(first, corpus, keep)
-        for dim, keep in later:
-            scores, index = rerank(prefix(queries, dim), self.prefixes[dim], index, keep)
-        return scores, index
-
-    def flops_per_query(self, stages: list[tuple[int, int]]) -> int:
-        """Multiply-adds × 2 of the scoring (the top-k selections are not counted)."""
-        survivors, cost = self.size, 0
-        for dim, keep in stages:
-            cost += survivors * dim  # every survivor of the stage before is scored with `dim` dims
-            survivors = min(keep, survivors)
-        return 2 * cost
 
 
 # --- quantisation --------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import SHARED
-from mrl.retrieval import (FunnelIndex, _chunk_top_k, RetrievalSet, evaluate_retrieval, int8_scales, load_beir, mrr_at_k,
+from mrl.funnel import FunnelIndex
+from mrl.retrieval import (_chunk_top_k, RetrievalSet, evaluate_retrieval, int8_scales, load_beir, mrr_at_k,
                            ndcg_at_k, nli_retrieval_set, prefix, quantize_binary, quantize_int8,
                            quantize_int8_queries, quantized_search,
                            recall_at_k, retrieval_metrics, storage_bytes, top_k, unpack_signs)
