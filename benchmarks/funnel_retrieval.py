@@ -53,7 +53,7 @@ def main():
     parser.add_argument("--int8-shortlist", action="store_true", help="also run every funnel with an int8 first stage")
     parser.add_argument("--ivf", type=int, default=0, metavar="CLUSTERS",
                         help="also run every funnel with an IVF first stage of this many k-means clusters")
-    parser.add_argument("--probes", type=int, nargs="+", default=[64, 128], help="n_probe values for --ivf")
+    parser.add_argument("--probes", type=int, nargs="+", default=[64, 128], help="n_probe values for --ivf: lists each query scans")
     parser.add_argument("--cache", default="runs/funnel_embeddings.pt", help="embeddings cache (per model)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -97,8 +97,8 @@ def main():
         if dtype != torch.float32:
             searches.append((f"{name} shortlist", FunnelIndex(corpus, [], shortlist_dtype=dtype), None))
         if args.ivf:  # one IVF index per first-stage dim, searched with each n_probe
-            ivf_index = FunnelIndex(corpus, [], dtype, args.ivf)
-            searches += [(f"{name} IVF, {args.ivf} clusters, probe {p}", ivf_index, p) for p in args.probes]
+            ivf_index = FunnelIndex(corpus, [], shortlist_dtype=dtype, ivf_clusters=args.ivf)
+            searches += [(f"{name} IVF, {args.ivf} clusters, {p} lists probed", ivf_index, p) for p in args.probes]
     for _, index, _ in searches:
         index.prefixes = exact_index.prefixes
     full = exact_index.prefixes[width]
@@ -129,6 +129,7 @@ def main():
     print("\n| search | FLOPs/query | ms/query | speed-up | recall of full-width top-10 | nDCG@10 | MRR@10 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     print("\n".join(rows))
+
 
 if __name__ == "__main__":
     main()

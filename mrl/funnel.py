@@ -26,10 +26,11 @@ class FunnelIndex:
     per-dim scales calibrated on it (quantize_int8), each query as int8 codes of q·scales
     (quantize_int8_queries), scored by int8 × int8 -> int32 matmuls (VNNI on x86 CPUs, int8 tensor cores on
     GPUs). A one-stage search returns those int32 code scores. Measured on CPU only; torch._int_mm on CUDA
-    has shape rules of its own (more than 16 queries, dims divisible by 8).
+    has shape rules of its own (more than 16 queries, dims divisible by 8), and int8 IVF lists are CPU only.
 
     ivf_clusters: 0 for an exact first stage; else the first stage is an IVFIndex over the d₁-dim prefix
-    with this many k-means clusters, and search takes n_probe, the lists each query scans (approximate:
+    with this many k-means clusters (cut into lists of at most the mean cluster size), and search takes
+    n_probe, the number of lists each query scans (approximate:
     documents in lists that are not probed are missed; the index is built on a stage's first search).
     """
 
@@ -58,8 +59,9 @@ class FunnelIndex:
 
     def search(self, queries: Tensor, stages: list[tuple[int, int]], n_probe: int | None = None
                ) -> tuple[Tensor, Tensor]:
-        """(Q, k) scores and corpus indices of the last stage's k, best first (with an IVF first stage, a query
-        whose probed lists held fewer than k documents gets -inf and index -1 in the places left over)."""
+        """(Q, k) scores and corpus indices of the last stage's k, best first. With an IVF first stage, a query
+        whose probed lists held fewer than k documents gets index -1 in the places left over, with score -inf
+        (the int32 minimum from a one-stage int8 search)."""
         if bool(self.ivf_clusters) != (n_probe is not None):
             raise ValueError(f"n_probe: expected a number of lists with an IVF first stage and None without one, "
                              f"got {n_probe} (ivf_clusters={self.ivf_clusters})")

@@ -238,8 +238,9 @@ def quantized_search(queries: Tensor, corpus: Tensor, d: int, kind: str, k: int 
 
 def rankings_from(index: Tensor, data: RetrievalSet) -> dict[str, list[str]]:
     """Search results -> ranked doc ids per query; a document with the query's own id is skipped (as BEIR does
-    for sets whose queries are also in the corpus)."""
-    return {q: [data.doc_ids[i] for i in row if data.doc_ids[i] != q] for q, row in zip(data.query_ids, index.tolist())}
+    for sets whose queries are also in the corpus), and so is -1 (no document: see IVFIndex.search)."""
+    return {q: [data.doc_ids[i] for i in row if i >= 0 and data.doc_ids[i] != q]
+            for q, row in zip(data.query_ids, index.tolist())}
 
 
 def evaluate_retrieval(query_embeddings: Tensor, doc_embeddings: Tensor, data: RetrievalSet, dims: list[int]

@@ -33,17 +33,72 @@ def test_kmeans_improves_on_its_start_and_converges():
         spherical_kmeans(x, 601)
 
 
+def list_of_each_row(ivf, n):
+    """(n,): the list that holds each corpus row."""
+    lists = torch.empty(n, dtype=torch.long)
+    lists[ivf.ids] = torch.repeat_interleave(torch.arange(ivf.n_lists), ivf.sizes)
+    return lists
+
+
 def test_lists_partition_the_corpus_and_respect_the_size_cap():
     corpus = random_unit(1000, 16, 1)
     ivf = IVFIndex(corpus, 10, max_list_size=40)
     assert torch.equal(ivf.ids.sort().values, torch.arange(1000))  # every row in exactly one list
     assert int(ivf.sizes.sum()) == 1000 and int(ivf.sizes.max()) <= 40 and ivf.n_lists >= 25
-    assert ivf.offsets[-1] == 1000
+    assert ivf.offsets[-1] == 1000 and int(ivf.sizes.min()) > 0
     torch.testing.assert_close(ivf.vectors_t.T, corpus[ivf.ids])
-    # the lists of one cluster share its centroid, and every row's list has the centroid nearest to it
-    nearest = (corpus @ ivf.centroids.T).amax(1)
-    list_of_row = torch.repeat_interleave(torch.arange(ivf.n_lists), ivf.sizes)
-    torch.testing.assert_close((corpus[ivf.ids] * ivf.centroids[list_of_row]).sum(1), nearest[ivf.ids])
+    # every row's list belongs to the cluster whose centroid is nearest to the row
+    nearest = (corpus @ ivf.centroids.T).argmax(1)
+    assert torch.equal(ivf.cluster_of_list[list_of_each_row(ivf, 1000)], nearest)
+    # a cluster's lists are consecutive and listed in lists_of_cluster, -1 after them
+    for cluster, lists in enumerate(ivf.lists_of_cluster.tolist()):
+        mine = [l for l in lists if l >= 0]
+        assert mine == (ivf.cluster_of_list == cluster).nonzero().flatten().tolist()
+        assert lists == mine + [-1] * (len(lists) - len(mine))
+
+
+def test_probe_takes_whole_clusters_nearest_first():
+    corpus, queries = random_unit(3000, 32, 14), random_unit(9, 32, 15)
+    ivf = IVFIndex(corpus, 12, max_list_size=100)  # clusters of 2-4 lists
+    cluster_order = (queries @ ivf.centroids.T).argsort(dim=1, descending=True)
+    for n_probe in (1, 3, 7, ivf.n_lists):
+        probed = ivf.probe(queries, n_probe)
+        for q in range(9):
+            expected = [l for c in cluster_order[q].tolist() for l in ivf.lists_of_cluster[c].tolist() if l >= 0]
+            assert probed[q].tolist() == expected[:n_probe]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_search_returns_the_best_of_the_probed_lists(dtype):
+    """The same index searched with several k and n_probe (the score table reused), in query chunks or not:
+    always the exact best of the probed lists, scored in the index's dtype."""
+    corpus, queries = random_unit(3000, 32, 4), random_unit(9, 32, 5)
+    ivf = IVFIndex(corpus, 20, dtype=dtype)
+    scores_all = (queries.to(dtype) @ corpus.to(dtype).T).float()
+    list_of_row = list_of_each_row(ivf, 3000)
+    for k, n_probe, table_size in ((15, 3, 1 << 27), (40, 7, 1 << 27), (15, 3, 1000), (5000, 2, 1 << 27)):
+        probed = ivf.probe(queries, n_probe)
+        allowed = (list_of_row[None, :, None] == probed[:, None, :]).any(-1)  # (Q, N): row in a probed list
+        expected = scores_all.masked_fill(~allowed, float("-inf")).topk(min(k, 3000), dim=1).values
+        scores, index = ivf.search(queries, k, n_probe, table_size=table_size)
+        assert scores.shape == index.shape == (9, min(k, 3000))
+        torch.testing.assert_close(scores.float(), expected)
+        found = index >= 0
+        assert torch.equal(found, torch.isfinite(expected))  # -1 exactly where the probed lists ran out
+        assert allowed.gather(1, index.clamp_min(0))[found].all()
+        torch.testing.assert_close(scores_all.gather(1, index.clamp_min(0))[found], scores.float()[found])
+        assert len(set(index[0][found[0]].tolist())) == int(found[0].sum())  # no document twice
+    best_scores, _ = ivf.search(queries, 15, 3)
+    assert (best_scores[:, 0].float() < scores_all.amax(1)).any()  # some queries' best lies in lists not probed
+
+
+def test_a_query_gets_the_same_results_alone_as_in_a_batch():
+    corpus, queries = random_unit(3000, 32, 2), random_unit(37, 32, 3)
+    ivf = IVFIndex(corpus, 20)  # 20 clusters cut into ~30 lists: n_probe can end inside a cluster
+    for n_probe in (4, 7):
+        _, batch = ivf.search(queries, 100, n_probe)
+        for q in range(37):
+            assert torch.equal(ivf.search(queries[q:q + 1], 100, n_probe)[1], batch[q:q + 1])
 
 
 def test_probing_every_list_is_exact_search():
@@ -53,20 +108,6 @@ def test_probing_every_list_is_exact_search():
     exact_scores, exact_index = top_k(queries, corpus, 15)
     torch.testing.assert_close(scores, exact_scores)
     assert torch.equal(index, exact_index)
-
-
-def test_search_returns_the_best_of_the_probed_lists():
-    corpus, queries = random_unit(3000, 32, 4), random_unit(9, 32, 5)
-    ivf = IVFIndex(corpus, 20)
-    probed = ivf.probe(queries, 3)
-    list_of_row = torch.empty(3000, dtype=torch.long)
-    list_of_row[ivf.ids] = torch.repeat_interleave(torch.arange(ivf.n_lists), ivf.sizes)
-    allowed = (list_of_row[None, :, None] == probed[:, None, :]).any(-1)  # (Q, N): row in a probed list
-    expected_scores, expected_index = (queries @ corpus.T).masked_fill(~allowed, float("-inf")).topk(15, dim=1)
-    scores, index = ivf.search(queries, 15, n_probe=3)
-    torch.testing.assert_close(scores, expected_scores)
-    assert torch.equal(index, expected_index)
-    assert (scores[:, 0] < (queries @ corpus.T).amax(1)).any()  # some queries' best lies in lists not probed
 
 
 def test_int8_lists_score_the_codes_exactly():
@@ -103,7 +144,7 @@ def test_funnel_with_an_ivf_probing_everything_equals_exact_search(dtype):
     _, index = funnel.search(queries, stages, n_probe=n_lists)
     assert torch.equal(index, top_k(prefix(queries, 64), prefix(corpus, 64), 10)[1])
     scanned = funnel.first_stage(16).scanned(prefix(queries, 16), n_lists)
-    assert scanned == n_lists + 2000
+    assert scanned == len(funnel.first_stage(16).centroids) + 2000  # the centroids, then every document
     assert funnel.flops_per_query(stages, scanned) == 2 * (scanned * 16 + 2000 * 64)
 
 
@@ -115,5 +156,7 @@ def test_probe_arguments_are_checked():
         FunnelIndex(corpus, [8], ivf_clusters=4).search(queries, [(8, 5)])  # IVF without n_probe
     with pytest.raises(ValueError, match="n_probe"):
         IVFIndex(corpus, 4).search(queries, 5, n_probe=10_000)
+    with pytest.raises(ValueError, match="n_probe"):
+        FunnelIndex(corpus, [8], ivf_clusters=4).search(queries, [(8, 5)], n_probe=0)
     with pytest.raises(ValueError, match="ivf_clusters"):
         FunnelIndex(corpus, [8], ivf_clusters=-1)
