@@ -1,14 +1,18 @@
 """Training throughput of mrl's train.py against the reference trainer (sentence-transformers), side by side.
 
 Both train the same model on the same data with the same batch size, steps, learning rate, warm-up, precision
-and Matryoshka dims (the STS recipe: CoSENT in Matryoshka on STS-B train), one after the other on this machine.
+and Matryoshka dims, one after the other on this machine, in one of two recipes: `sts` (the default run: CoSENT
+in Matryoshka 384..8 on STS-B train, batch 16) or `nli` (configs/nli-matryoshka.yaml on all-MiniLM-L6-v2:
+in-batch-negatives contrastive loss, MultipleNegativesRankingLoss in sentence-transformers, in Matryoshka
+384..32 on the NLI triplets, batch 128, max length 75, no duplicate texts in a batch).
 Reported: samples/s and tokens/s of the training loop (tokens = samples × the mean number of tokens of a
 training pair after truncation), peak memory, the ratio mrl / reference, and STS-B test Spearman ×100 at every
 dim of both trained models, scored by the same evaluator (mrl.evaluation).
 
-    python benchmarks/train_throughput.py --quick            # CPU: 40 steps each
-    python benchmarks/train_throughput.py --epochs 4 --bf16  # the full STS recipe on a GPU
-Model and data are the default config's (hub ids, or local copies through configs/mirror.yaml).
+    python benchmarks/train_throughput.py --quick                        # CPU: 40 steps each
+    python benchmarks/train_throughput.py --epochs 4 --bf16              # the full STS recipe on a GPU
+    python benchmarks/train_throughput.py --recipe nli --bf16            # the NLI recipe, 1 epoch, on a GPU
+Model and data are the configs' hub ids, or local copies through configs/mirror.yaml (or MRL_MIRROR).
 """
 
 import argparse
@@ -32,6 +36,19 @@ from mrl.evaluation import evaluate_sts, markdown_table  # noqa: E402
 from mrl.sources import load_mirror, resolve_model  # noqa: E402
 
 
+# recipe -> the config train.py runs and its overrides (MiniLM for the NLI recipe, whose config names mpnet)
+RECIPES = {
+    "sts": ("configs/default.yaml", []),
+    "nli": ("configs/nli-matryoshka.yaml", ["model.name=sentence-transformers/all-MiniLM-L6-v2",
+                                            "loss.dims=[384,256,128,64,32]"]),
+}
+
+
+def recipe_config(recipe: str):
+    path, overrides = RECIPES[recipe]
+    return load_config(os.path.join(ROOT, path), overrides)
+
+
 def peak_memory_mib(device: str, children: bool = False) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -41,12 +58,14 @@ def peak_memory_mib(device: str, children: bool = False) -> float:
 
 def run_mrl(args, out_dir: str) -> dict:
     """train.py itself, in a subprocess (its loop is what users run); its own timer covers the loop only."""
-    overrides = [f"output_dir={out_dir}", "eval.dev=null", "eval.test=null", f"train.batch_size={args.batch_size}",
-                 f"train.epochs={args.epochs}", f"train.lr={args.lr}", f"train.seed={args.seed}",
-                 f"train.mixed_precision={'bf16' if args.bf16 else 'no'}", f"loss.matryoshka={not args.plain}"]
+    config, overrides = RECIPES[args.recipe]
+    overrides = overrides + [
+        f"output_dir={out_dir}", "eval.dev=null", "eval.test=null", f"train.batch_size={args.batch_size}",
+        f"train.epochs={args.epochs}", f"train.lr={args.lr}", f"train.seed={args.seed}", "train.save_every=0",
+        f"train.mixed_precision={'bf16' if args.bf16 else 'no'}", f"loss.matryoshka={not args.plain}"]
     if args.steps:
         overrides.append(f"train.max_steps={args.steps}")
-    cmd = [sys.executable, "train.py", *[a for o in overrides for a in ("--set", o)]]
+    cmd = [sys.executable, "train.py", "--config", config, *[a for o in overrides for a in ("--set", o)]]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"train.py failed:\n{proc.stderr[-3000:]}")
@@ -57,20 +76,28 @@ def run_mrl(args, out_dir: str) -> dict:
             "model": os.path.join(out_dir, "model")}
 
 
-def run_reference(args, model_path: str, train_table, dims: list[int], out_dir: str) -> dict:
+def run_reference(args, cfg, model_path: str, train_table, out_dir: str) -> dict:
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments, losses)
+    from sentence_transformers.training_args import BatchSamplers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = SentenceTransformer(model_path, device=device)
-    loss = losses.CoSENTLoss(model)
+    if cfg.model.max_seq_length:
+        model.max_seq_length = cfg.model.max_seq_length
+    if args.recipe == "nli":
+        loss, data, sampler = losses.MultipleNegativesRankingLoss(model, scale=cfg.loss.scale), train_table, \
+            BatchSamplers.NO_DUPLICATES
+    else:
+        loss, data, sampler = losses.CoSENTLoss(model), train_table.rename_column("label", "score"), \
+            BatchSamplers.BATCH_SAMPLER
     if not args.plain:
-        loss = losses.MatryoshkaLoss(model, loss, matryoshka_dims=dims)
-    data = train_table.rename_column("label", "score")
+        loss = losses.MatryoshkaLoss(model, loss, matryoshka_dims=cfg.loss.dims)
     training_args = SentenceTransformerTrainingArguments(
         output_dir=out_dir, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
-        max_steps=args.steps or -1, learning_rate=args.lr, warmup_ratio=0.1, seed=args.seed, bf16=args.bf16,
-        save_strategy="no", report_to="none", logging_steps=50, use_cpu=device == "cpu")
+        max_steps=args.steps or -1, learning_rate=args.lr, warmup_ratio=cfg.train.warmup_ratio, seed=args.seed,
+        bf16=args.bf16, batch_sampler=sampler, save_strategy="no", report_to="none", logging_steps=50,
+        use_cpu=device == "cpu")
     trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=data, loss=loss)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -83,24 +110,27 @@ def run_reference(args, model_path: str, train_table, dims: list[int], out_dir: 
             "steps": steps, "peak_mib": peak_memory_mib(device), "model": os.path.join(out_dir, "model")}
 
 
-def loss_overhead_ms(batch_size: int, width: int, dims: list[int], device: str, repeats: int = 200) -> dict:
-    """Milliseconds per step of the loss alone (forward + backward on random (B, width) embeddings): plain CoSENT
-    at full width vs the Matryoshka loss over `dims` (nested, as train.py computes it)."""
+def loss_overhead_ms(loss_name: str, n_columns: int, batch_size: int, width: int, dims: list[int], device: str,
+                     repeats: int = 200) -> dict:
+    """Milliseconds per step of the loss alone (forward + backward on random (B, width) embeddings of each text
+    column): the plain loss at full width vs the Matryoshka loss over `dims` (nested, as train.py computes it)."""
     from mrl.losses import LOSSES, NESTED_LOSSES
     from mrl.matryoshka import MatryoshkaLoss
 
     generator = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(batch_size, width, generator=generator).to(device).requires_grad_() for _ in range(2))
-    labels = torch.rand(batch_size, generator=generator).to(device)
-    losses = {"plain": MatryoshkaLoss(LOSSES["cosent"], [width], nested_loss=NESTED_LOSSES["cosent"]),
-              "matryoshka": MatryoshkaLoss(LOSSES["cosent"], dims, nested_loss=NESTED_LOSSES["cosent"])}
+    embeddings = [torch.randn(batch_size, width, generator=generator).to(device).requires_grad_()
+                  for _ in range(n_columns)]
+    labels = torch.rand(batch_size, generator=generator).to(device) if loss_name == "cosent" else None
+    base, nested = LOSSES[loss_name], NESTED_LOSSES[loss_name]
+    losses = {"plain": MatryoshkaLoss(base, [width], nested_loss=nested),
+              "matryoshka": MatryoshkaLoss(base, dims, nested_loss=nested)}
     timings = dict.fromkeys(losses, 0.0)
     for i in range(repeats + 20):  # interleaved, so drift in the machine's speed hits both alike; 20 warm-ups
         for name, loss_fn in losses.items():
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            loss_fn([a, b], labels)[0].backward()
+            loss_fn(embeddings, labels)[0].backward()
             if device == "cuda":
                 torch.cuda.synchronize()
             if i >= 20:
@@ -113,7 +143,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="40 steps each (CPU)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="sts")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (16 sts, 128 nli)")
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--plain", action="store_true", help="plain CoSENT (no Matryoshka) on both sides")
@@ -123,15 +154,18 @@ def main():
     if args.quick:
         args.steps = args.steps or 40
 
-    cfg = load_config(os.path.join(ROOT, "configs", "default.yaml"), [])
+    cfg = recipe_config(args.recipe)
+    args.batch_size = args.batch_size or cfg.train.batch_size
     mirror = load_mirror(os.path.join(ROOT, cfg.mirror))
     model_path = resolve_model(cfg.model.name, mirror)
-    train_table = load_table(cfg.data.train, "data.train", True, mirror)
+    train_table = load_table(cfg.data.train, "data.train", args.recipe == "sts", mirror)
     test_table = load_table(cfg.eval.test, "eval.test", True, mirror)
     encoder = Encoder.from_pretrained(model_path)
-    lengths = [len(ids) for column in ("sentence1", "sentence2")
-               for ids in encoder.tokenizer(list(train_table[column]), truncation=True, max_length=encoder.max_seq_length)["input_ids"]]
-    tokens_per_pair = sum(lengths) / len(train_table)
+    max_length = cfg.model.max_seq_length or encoder.max_seq_length
+    text_columns = [c for c in train_table.column_names if c != "label"]
+    lengths = [len(ids) for column in text_columns
+               for ids in encoder.tokenizer(list(train_table[column]), truncation=True, max_length=max_length)["input_ids"]]
+    tokens_per_sample = sum(lengths) / len(train_table)  # a sample: a pair (sts) or a triplet (nli)
     dims = cfg.loss.dims
 
     runs = {}
@@ -139,17 +173,18 @@ def main():
         runs["mrl"] = run_mrl(args, os.path.join(tmp, "mrl"))
         if not args.skip_reference:
             try:
-                runs["sentence-transformers"] = run_reference(args, model_path, train_table, dims,
+                runs["sentence-transformers"] = run_reference(args, cfg, model_path, train_table,
                                                               os.path.join(tmp, "reference"))
             except ImportError:
                 print("sentence-transformers is not installed: the reference run is skipped")
         quality = {name: evaluate_sts(Encoder.from_pretrained(run["model"]).to(
             "cuda" if torch.cuda.is_available() else "cpu"), test_table, dims) for name, run in runs.items()}
 
-    print(f"\n{'plain' if args.plain else 'Matryoshka'} CoSENT, batch {args.batch_size}, "
+    loss_name = {"sts": "CoSENT", "nli": "contrastive (MNRL)"}[args.recipe]
+    print(f"\n{args.recipe} recipe: {'plain' if args.plain else 'Matryoshka'} {loss_name}, batch {args.batch_size}, "
           f"{runs['mrl']['steps']} steps, {'bf16' if args.bf16 else 'fp32'}, "
           f"{'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else f'cpu ({os.cpu_count()} cores)'}; "
-          f"{tokens_per_pair:.1f} tokens per pair\n")
+          f"{tokens_per_sample:.1f} tokens per {'pair' if args.recipe == 'sts' else 'triplet'}\n")
     print("| trainer | samples/s | tokens/s | peak memory MiB | speed vs reference |")
     print("| --- | ---: | ---: | ---: | ---: |")
     reference = runs.get("sentence-transformers")
@@ -157,12 +192,13 @@ def main():
         rate = run["samples"] / run["seconds"]
         ratio = f"{rate / (reference['samples'] / reference['seconds']):.2f}×" if reference else "–"
         peak = f"{run['peak_mib']:.0f}" if run["peak_mib"] is not None else "–"
-        print(f"| {name} | {rate:.1f} | {rate * tokens_per_pair:.0f} | {peak} | {ratio} |")
+        print(f"| {name} | {rate:.1f} | {rate * tokens_per_sample:.0f} | {peak} | {ratio} |")
     step_ms = 1000 * runs["mrl"]["seconds"] / runs["mrl"]["steps"]
-    loss_ms = loss_overhead_ms(args.batch_size, encoder.embedding_dim, dims, "cuda" if torch.cuda.is_available() else "cpu")
+    loss_ms = loss_overhead_ms(cfg.loss.name, len(text_columns), args.batch_size, encoder.embedding_dim, dims,
+                               "cuda" if torch.cuda.is_available() else "cpu")
     extra = loss_ms["matryoshka"] - loss_ms["plain"]
     print(f"\nMatryoshka overhead: the loss over {len(dims)} dims takes {loss_ms['matryoshka']:.2f} ms per step (forward "
-          f"+ backward) against {loss_ms['plain']:.2f} ms for plain CoSENT: +{extra:.2f} ms, "
+          f"+ backward) against {loss_ms['plain']:.2f} ms for the plain loss: +{extra:.2f} ms, "
           f"{100 * extra / step_ms:.2f}% of mrl's {step_ms:.0f} ms step.")
     print("\nSTS-B test Spearman ×100 after training:\n")
     print(markdown_table(quality))
