@@ -6,8 +6,9 @@ in Matryoshka 384..8 on STS-B train, batch 16) or `nli` (configs/nli-matryoshka.
 in-batch-negatives contrastive loss, MultipleNegativesRankingLoss in sentence-transformers, in Matryoshka
 384..32 on the NLI triplets, batch 128, max length 75, no duplicate texts in a batch).
 Reported: samples/s and tokens/s of the training loop (tokens = samples × the mean number of tokens of a
-training pair after truncation), peak memory, the ratio mrl / reference, and STS-B test Spearman ×100 at every
-dim of both trained models, scored by the same evaluator (mrl.evaluation).
+training sample after truncation), model TFLOP/s and MFU (with --peak-tflops; train_flops_per_token), peak
+memory, the ratio mrl / reference, and STS-B test Spearman ×100 at every dim of both trained models, scored
+by the same evaluator (mrl.evaluation).
 
     python benchmarks/train_throughput.py --quick                        # CPU: 40 steps each
     python benchmarks/train_throughput.py --epochs 4 --bf16              # the full STS recipe on a GPU
@@ -47,6 +48,17 @@ RECIPES = {
 def recipe_config(recipe: str):
     path, overrides = RECIPES[recipe]
     return load_config(os.path.join(ROOT, path), overrides)
+
+
+def train_flops_per_token(encoder: Encoder, seq_len: float) -> float:
+    """Model FLOPs of one token's forward + backward pass, as PaLM counts them for MFU (Chowdhery et al. 2022,
+    appendix B): 6·N + 12·L·d·T, N the parameters outside the embedding tables and the pooler, L layers, d the
+    width, T the sequence length (the attention scores and their use). Padding is not counted: MFU measures
+    useful work."""
+    config = encoder.backbone.config
+    n_params = sum(p.numel() for name, p in encoder.named_parameters()
+                   if "embeddings." not in name and "pooler." not in name)  # (the pooler is not in our forward)
+    return 6 * n_params + 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
 def peak_memory_mib(device: str, children: bool = False) -> float:
@@ -150,6 +162,9 @@ def main():
     parser.add_argument("--plain", action="store_true", help="plain CoSENT (no Matryoshka) on both sides")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense peak in TFLOP/s at the run's precision, for MFU (e.g. 989 for H100/H200 "
+                             "SXM bf16); no MFU without it")
     args = parser.parse_args()
     if args.quick:
         args.steps = args.steps or 40
@@ -166,6 +181,7 @@ def main():
     lengths = [len(ids) for column in text_columns
                for ids in encoder.tokenizer(list(train_table[column]), truncation=True, max_length=max_length)["input_ids"]]
     tokens_per_sample = sum(lengths) / len(train_table)  # a sample: a pair (sts) or a triplet (nli)
+    flops_per_sample = tokens_per_sample * train_flops_per_token(encoder, sum(lengths) / len(lengths))
     dims = cfg.loss.dims
 
     runs = {}
@@ -185,14 +201,16 @@ def main():
           f"{runs['mrl']['steps']} steps, {'bf16' if args.bf16 else 'fp32'}, "
           f"{'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else f'cpu ({os.cpu_count()} cores)'}; "
           f"{tokens_per_sample:.1f} tokens per {'pair' if args.recipe == 'sts' else 'triplet'}\n")
-    print("| trainer | samples/s | tokens/s | peak memory MiB | speed vs reference |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| trainer | samples/s | tokens/s | model TFLOP/s | MFU | peak memory MiB | speed vs reference |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     reference = runs.get("sentence-transformers")
     for name, run in runs.items():
         rate = run["samples"] / run["seconds"]
         ratio = f"{rate / (reference['samples'] / reference['seconds']):.2f}×" if reference else "–"
         peak = f"{run['peak_mib']:.0f}" if run["peak_mib"] is not None else "–"
-        print(f"| {name} | {rate:.1f} | {rate * tokens_per_sample:.0f} | {peak} | {ratio} |")
+        tflops = rate * flops_per_sample / 1e12
+        mfu = f"{100 * tflops / args.peak_tflops:.1f}%" if args.peak_tflops else "–"
+        print(f"| {name} | {rate:.1f} | {rate * tokens_per_sample:.0f} | {tflops:.3f} | {mfu} | {peak} | {ratio} |")
     step_ms = 1000 * runs["mrl"]["seconds"] / runs["mrl"]["steps"]
     loss_ms = loss_overhead_ms(cfg.loss.name, len(text_columns), args.batch_size, encoder.embedding_dim, dims,
                                "cuda" if torch.cuda.is_available() else "cpu")
