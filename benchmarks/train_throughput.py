@@ -37,6 +37,8 @@ from mrl.evaluation import evaluate_sts, markdown_table  # noqa: E402
 from mrl.sources import load_mirror, resolve_model  # noqa: E402
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 # recipe -> the config train.py runs and its overrides (MiniLM for the NLI recipe, whose config names mpnet)
 RECIPES = {
     "sts": ("configs/default.yaml", []),
@@ -84,7 +86,7 @@ def run_mrl(args, out_dir: str) -> dict:
     with open(os.path.join(out_dir, "results.json")) as f:
         train = json.load(f)["train"]
     return {"samples": train["samples"], "seconds": train["seconds"], "steps": train["steps"],
-            "peak_mib": train["peak_cuda_memory_mib"] if torch.cuda.is_available() else peak_memory_mib("cpu", True),
+            "peak_mib": train["peak_cuda_memory_mib"] if DEVICE == "cuda" else peak_memory_mib("cpu", True),
             "model": os.path.join(out_dir, "model")}
 
 
@@ -93,8 +95,7 @@ def run_reference(args, cfg, model_path: str, train_table, out_dir: str) -> dict
                                        SentenceTransformerTrainingArguments, losses)
     from sentence_transformers.training_args import BatchSamplers
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = SentenceTransformer(model_path, device=device)
+    model = SentenceTransformer(model_path, device=DEVICE)
     if cfg.model.max_seq_length:
         model.max_seq_length = cfg.model.max_seq_length
     if args.recipe == "nli":
@@ -109,9 +110,9 @@ def run_reference(args, cfg, model_path: str, train_table, out_dir: str) -> dict
         output_dir=out_dir, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
         max_steps=args.steps or -1, learning_rate=args.lr, warmup_ratio=cfg.train.warmup_ratio, seed=args.seed,
         bf16=args.bf16, batch_sampler=sampler, save_strategy="no", report_to="none", logging_steps=50,
-        use_cpu=device == "cpu")
+        use_cpu=DEVICE == "cpu")
     trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=data, loss=loss)
-    if device == "cuda":
+    if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.train()
@@ -119,7 +120,7 @@ def run_reference(args, cfg, model_path: str, train_table, out_dir: str) -> dict
     steps = trainer.state.global_step
     model.save(os.path.join(out_dir, "model"))
     return {"samples": min(steps * args.batch_size, len(data) * args.epochs), "seconds": round(seconds, 1),
-            "steps": steps, "peak_mib": peak_memory_mib(device), "model": os.path.join(out_dir, "model")}
+            "steps": steps, "peak_mib": peak_memory_mib(DEVICE), "model": os.path.join(out_dir, "model")}
 
 
 def loss_overhead_ms(loss_name: str, n_columns: int, batch_size: int, width: int, dims: list[int], device: str,
@@ -193,13 +194,13 @@ def main():
                                                               os.path.join(tmp, "reference"))
             except ImportError:
                 print("sentence-transformers is not installed: the reference run is skipped")
-        quality = {name: evaluate_sts(Encoder.from_pretrained(run["model"]).to(
-            "cuda" if torch.cuda.is_available() else "cpu"), test_table, dims) for name, run in runs.items()}
+        quality = {name: evaluate_sts(Encoder.from_pretrained(run["model"]).to(DEVICE), test_table, dims)
+                   for name, run in runs.items()}
 
     loss_name = {"sts": "CoSENT", "nli": "contrastive (MNRL)"}[args.recipe]
     print(f"\n{args.recipe} recipe: {'plain' if args.plain else 'Matryoshka'} {loss_name}, batch {args.batch_size}, "
           f"{runs['mrl']['steps']} steps, {'bf16' if args.bf16 else 'fp32'}, "
-          f"{'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else f'cpu ({os.cpu_count()} cores)'}; "
+          f"{'cuda: ' + torch.cuda.get_device_name() if DEVICE == 'cuda' else f'cpu ({os.cpu_count()} cores)'}; "
           f"{tokens_per_sample:.1f} tokens per {'pair' if args.recipe == 'sts' else 'triplet'}\n")
     print("| trainer | samples/s | tokens/s | model TFLOP/s | MFU | peak memory MiB | speed vs reference |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -212,8 +213,7 @@ def main():
         mfu = f"{100 * tflops / args.peak_tflops:.1f}%" if args.peak_tflops else "–"
         print(f"| {name} | {rate:.1f} | {rate * tokens_per_sample:.0f} | {tflops:.3f} | {mfu} | {peak} | {ratio} |")
     step_ms = 1000 * runs["mrl"]["seconds"] / runs["mrl"]["steps"]
-    loss_ms = loss_overhead_ms(cfg.loss.name, len(text_columns), args.batch_size, encoder.embedding_dim, dims,
-                               "cuda" if torch.cuda.is_available() else "cpu")
+    loss_ms = loss_overhead_ms(cfg.loss.name, len(text_columns), args.batch_size, encoder.embedding_dim, dims, DEVICE)
     extra = loss_ms["matryoshka"] - loss_ms["plain"]
     print(f"\nMatryoshka overhead: the loss over {len(dims)} dims takes {loss_ms['matryoshka']:.2f} ms per step (forward "
           f"+ backward) against {loss_ms['plain']:.2f} ms for the plain loss: +{extra:.2f} ms, "

@@ -64,14 +64,15 @@ class IVFIndex:
         if dtype == torch.int8 and corpus.device.type != "cpu":
             raise ValueError(f"dtype: int8 lists are scored by torch._int_mm on the CPU only, got a corpus on "
                              f"{corpus.device} (use float32 or bfloat16 there)")
+        corpus = corpus.float()  # k-means, centroids and int8 ranges in float32, whatever the corpus dtype
         generator = torch.Generator().manual_seed(seed)
         sample = torch.randperm(len(corpus), generator=generator)[:n_clusters * sample_per_cluster]
-        centroids = spherical_kmeans(corpus[sample.to(corpus.device)].float(), n_clusters, iterations, seed)
-        assignment = nearest_centroid(corpus.float(), centroids)
+        centroids = spherical_kmeans(corpus[sample.to(corpus.device)], n_clusters, iterations, seed)
+        assignment = nearest_centroid(corpus, centroids)
         self.ids = assignment.argsort(stable=True)  # rows grouped by cluster, in cluster order
         if dtype == torch.int8:
-            self.scales = int8_scales(corpus.float())
-            self.vectors_t = quantize_int8(corpus[self.ids].float(), self.scales).T.contiguous()
+            self.scales = int8_scales(corpus)
+            self.vectors_t = quantize_int8(corpus[self.ids], self.scales).T.contiguous()
         else:
             self.scales, self.vectors_t = None, corpus[self.ids].T.to(dtype).contiguous()
         # each cluster that holds rows, cut into lists of at most max_list_size rows
