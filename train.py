@@ -18,7 +18,7 @@ from functools import partial
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -44,9 +44,11 @@ cfg = load_config(args.config, args.set)  # every config error surfaces here, be
 
 # cpu=True on a machine without a GPU: Accelerate then joins processes started by torchrun / `accelerate launch
 # --multi_gpu` into one gloo group (left False, each CPU process would train alone)
+# non_blocking: batches (pinned on a GPU, below) are copied to the device without waiting for it
 accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
                           log_with=cfg.log.with_ or None, project_dir=cfg.output_dir,
-                          cpu=not torch.accelerator.is_available())
+                          cpu=not torch.accelerator.is_available(),
+                          dataloader_config=DataLoaderConfiguration(non_blocking=True))
 set_seed(cfg.train.seed)
 hf_logging.disable_progress_bar()
 accelerator.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -90,11 +92,11 @@ sampler = BatchSampler(rows, cfg.train.batch_size, no_duplicates, cfg.train.drop
                        processes=accelerator.num_processes)
 # the loader's own generator: starting an epoch's iterator then draws no number from the global RNG, so dropout
 # after a resume (global RNG restored from the checkpoint) matches the uninterrupted run
-collate = Collator(columns, model.tokenizer, model.max_seq_length)
+collate = Collator(columns, model.tokenizer, model.max_seq_length, cfg.train.pad_to_multiple_of)
 with accelerator.main_process_first():  # token ids once, up front (cached): no tokenizer in the training steps
     train_table = collate.pretokenize(train_table)
-loader = DataLoader(train_table, batch_sampler=sampler, collate_fn=collate,
-                    num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed))
+loader = DataLoader(train_table, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
+                    pin_memory=accelerator.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.train.seed))
 
 # -- loss: the plain (baseline) loss is the Matryoshka loss with the full width as its only dim
 # every dim's loss comes from one batched computation (prefix sums; equal to the per-dim loop, see the tests)
@@ -115,7 +117,9 @@ if cross_device is None:
     cross_device = cfg.loss.name == "contrastive" and accelerator.num_processes > 1
 accelerator.print(f"loss: {loss_fn}" + (f", negatives from all {accelerator.num_processes} processes" if cross_device else "")
                   + (f", GradCache chunks of {cfg.train.cache_chunk_size} texts" if cfg.train.cache_chunk_size
-                     else f", each batch embedded in {length_groups} length group(s)"))
+                     else f", each batch embedded in {length_groups} length group(s)")
+                  + (f", padded to multiples of {cfg.train.pad_to_multiple_of} tokens" if cfg.train.pad_to_multiple_of else "")
+                  + (f", encoder compiled ({cfg.train.compile})" if cfg.train.compile else ""))
 
 
 def compute_loss(embeddings: list[torch.Tensor], labels) -> tuple[torch.Tensor, dict]:
@@ -142,6 +146,13 @@ total_steps = min(cfg.train.epochs * steps_per_epoch, cfg.train.max_steps or mat
 scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total_steps) * accelerator.num_processes,
                                             total_steps * accelerator.num_processes)
 model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+# the training forward, compiled if asked (its backward then too); evaluation and saving use `model`, eager.
+# One graph per batch shape: pad_to_multiple_of keeps them few, and the recompile limit is raised to cover them
+forward = model
+if cfg.train.compile:
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    forward = torch.compile(model, mode=cfg.train.compile, dynamic=False)
+cuda_graphs = cfg.train.compile == "reduce-overhead" and accelerator.device.type == "cuda"
 
 
 class Progress:
@@ -224,13 +235,19 @@ if cfg.loss.n_dims_per_step is not None and accelerator.is_main_process:
 dims_loss_fn = loss_fn.matryoshka if cfg.loss.two_d else loss_fn
 bar = tqdm(total=total_steps, initial=progress.step, desc="train", disable=not accelerator.is_main_process)
 samples, start_time, start_step = 0, time.perf_counter(), progress.step
+# with train.compile: the steps that met a new batch shape, which compiled (a new length group's shape may also
+# compile within another step: on a GPU there is one group), so that the rate after compiling can be told apart
+compiling = {"shapes": set(), "steps": 0, "samples": 0, "seconds": 0.0}
 while progress.step < total_steps and progress.epoch < cfg.train.epochs:
     sampler.set_epoch(progress.epoch)  # the same shuffles on every process, and again on resume
     loader.set_epoch(progress.epoch)
     epoch_loader = accelerator.skip_first_batches(loader, progress.batch_in_epoch) if progress.batch_in_epoch else loader
     for batch in epoch_loader:
+        batch_start, shape = time.perf_counter(), tuple(batch["input_ids"].shape)
         with accelerator.accumulate(model):
             labels = batch.pop("labels", None)
+            if cuda_graphs:  # the previous step's graph outputs are no longer needed: their memory may be reused
+                torch.compiler.cudagraph_mark_step_begin()
             if cfg.train.cache_chunk_size:  # GradCache: chunked forwards, the same gradients
                 loss, per_dim = cached_backward(partial(model, all_layers=cfg.loss.two_d), batch, len(columns),
                                                 partial(compute_loss, labels=labels), cfg.train.cache_chunk_size,
@@ -238,8 +255,8 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
             else:
                 # every column's texts as one batch, embedded in length groups (less padding): k × (B, D), or
                 # k × (B, L, D) with every layer's embedding (2D)
-                embeddings = embed_by_length(partial(model, all_layers=cfg.loss.two_d), batch,
-                                             length_groups).chunk(len(columns))
+                embeddings = embed_by_length(partial(forward, all_layers=cfg.loss.two_d), batch, length_groups,
+                                             cfg.train.pad_to_multiple_of).chunk(len(columns))
                 loss, per_dim = compute_loss(list(embeddings), labels)
                 accelerator.backward(loss)
             if accelerator.sync_gradients and loss_parameters and accelerator.num_processes > 1:
@@ -251,7 +268,12 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
             scheduler.step()
             optimizer.zero_grad()
         progress.batch_in_epoch += 1
-        samples += len(batch["input_ids"]) // len(columns) * accelerator.num_processes
+        batch_samples = len(batch["input_ids"]) // len(columns) * accelerator.num_processes
+        samples += batch_samples
+        if cfg.train.compile and shape not in compiling["shapes"]:  # this forward compiled (time on the host)
+            compiling["shapes"].add(shape)
+            compiling["steps"], compiling["samples"] = compiling["steps"] + 1, compiling["samples"] + batch_samples
+            compiling["seconds"] += time.perf_counter() - batch_start
         for d, value in {"total": loss.detach(), **per_dim}.items():  # a dim or layer drawn on some steps only
             running[d], counts[d] = running.get(d, 0.0) + value, counts.get(d, 0) + 1  # averages its own steps
         step_dims.update(d for d in per_dim if isinstance(d, int))
@@ -301,6 +323,11 @@ results["train"] = {"steps": progress.step - start_step, "processes": accelerato
                     "dims_trained": {d: dims_trained[d] for d in sorted(dims_trained, reverse=True)},
                     "cross_device": cross_device, "samples": samples, "seconds": round(train_seconds, 1),
                     "samples_per_second": round(samples / max(train_seconds, 1e-9), 1),
+                    **({"compiling": {"shapes": len(compiling["shapes"]), "steps": compiling["steps"],
+                                      "seconds": round(compiling["seconds"], 1),
+                                      "samples_per_second_after": round((samples - compiling["samples"]) / max(
+                                          train_seconds - compiling["seconds"], 1e-9), 1)}}
+                       if cfg.train.compile else {}),
                     "peak_cuda_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None}
 if cfg.loss.matryoshka:
     results["train"]["dim_weights"] = dims_loss_fn.current_weights()  # learned: where they ended

@@ -13,6 +13,8 @@ by the same evaluator (mrl.evaluation).
     python benchmarks/train_throughput.py --quick                        # CPU: 40 steps each
     python benchmarks/train_throughput.py --epochs 4 --bf16              # the full STS recipe on a GPU
     python benchmarks/train_throughput.py --recipe nli --bf16            # the NLI recipe, 1 epoch, on a GPU
+    python benchmarks/train_throughput.py --epochs 4 --bf16 --skip-reference \
+        --set train.compile=reduce-overhead --set train.pad_to_multiple_of=32   # mrl with CUDA graphs
 Model and data are the configs' hub ids, or local copies through configs/mirror.yaml (or MRL_MIRROR).
 """
 
@@ -79,6 +81,7 @@ def run_mrl(args, out_dir: str) -> dict:
         f"train.mixed_precision={'bf16' if args.bf16 else 'no'}", f"loss.matryoshka={not args.plain}"]
     if args.steps:
         overrides.append(f"train.max_steps={args.steps}")
+    overrides += args.set  # mrl's own options, e.g. train.compile=reduce-overhead train.pad_to_multiple_of=16
     cmd = [sys.executable, "train.py", "--config", config, *[a for o in overrides for a in ("--set", o)]]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -87,7 +90,7 @@ def run_mrl(args, out_dir: str) -> dict:
         train = json.load(f)["train"]
     return {"samples": train["samples"], "seconds": train["seconds"], "steps": train["steps"],
             "peak_mib": train["peak_cuda_memory_mib"] if DEVICE == "cuda" else peak_memory_mib("cpu", True),
-            "model": os.path.join(out_dir, "model")}
+            "model": os.path.join(out_dir, "model"), "compiling": train.get("compiling")}
 
 
 def run_reference(args, cfg, model_path: str, train_table, out_dir: str) -> dict:
@@ -163,6 +166,8 @@ def main():
     parser.add_argument("--plain", action="store_true", help="plain CoSENT (no Matryoshka) on both sides")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a train.py override for the mrl run only, e.g. train.compile=reduce-overhead")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense peak in TFLOP/s at the run's precision, for MFU (e.g. 989 for H100/H200 "
                              "SXM bf16); no MFU without it")
@@ -198,6 +203,8 @@ def main():
                    for name, run in runs.items()}
 
     loss_name = {"sts": "CoSENT", "nli": "contrastive (MNRL)"}[args.recipe]
+    if args.set:
+        print(f"\nmrl run with {' '.join(args.set)}")
     print(f"\n{args.recipe} recipe: {'plain' if args.plain else 'Matryoshka'} {loss_name}, batch {args.batch_size}, "
           f"{runs['mrl']['steps']} steps, {'bf16' if args.bf16 else 'fp32'}, "
           f"{'cuda: ' + torch.cuda.get_device_name() if DEVICE == 'cuda' else f'cpu ({os.cpu_count()} cores)'}; "
@@ -212,6 +219,10 @@ def main():
         tflops = rate * flops_per_sample / 1e12
         mfu = f"{100 * tflops / args.peak_tflops:.1f}%" if args.peak_tflops else "–"
         print(f"| {name} | {rate:.1f} | {rate * tokens_per_sample:.0f} | {tflops:.3f} | {mfu} | {peak} | {ratio} |")
+    compiling = runs["mrl"]["compiling"]
+    if compiling:
+        print(f"\nmrl compiled {compiling['shapes']} batch shapes in {compiling['steps']} steps, {compiling['seconds']} s "
+              f"(included above); the other steps ran at {compiling['samples_per_second_after']} samples/s")
     step_ms = 1000 * runs["mrl"]["seconds"] / runs["mrl"]["steps"]
     loss_ms = loss_overhead_ms(cfg.loss.name, len(text_columns), args.batch_size, encoder.embedding_dim, dims, DEVICE)
     extra = loss_ms["matryoshka"] - loss_ms["plain"]

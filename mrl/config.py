@@ -16,6 +16,7 @@ from .losses import LOSSES
 from .matryoshka import check_dims
 
 STSB = "sentence-transformers/stsb"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 @dataclass
@@ -82,6 +83,12 @@ class TrainConfig:
     # mrl.data.embed_by_length); None: 1 on a GPU (launch-bound at small batches), 2 on a CPU (compute-bound).
     # GradCache (cache_chunk_size) embeds in its own chunks instead, each trimmed to its longest text
     length_groups: int | None = None
+    # pad every batch (and length group) up to a multiple of this many tokens, at most max_seq_length: a few
+    # shapes instead of one per length, as torch.compile / CUDA graphs need; None: to its longest text
+    pad_to_multiple_of: int | None = None
+    # torch.compile the encoder's training forward (and so its backward) in this mode: default | reduce-overhead
+    # (CUDA graphs on a GPU) | max-autotune | max-autotune-no-cudagraphs; None: eager. Needs pad_to_multiple_of
+    compile: str | None = None
 
 
 @dataclass
@@ -230,6 +237,18 @@ def validate(cfg: Config) -> None:
                          f"processes; loss.name is {loss.name!r}")
     if train.length_groups is not None and train.length_groups < 1:
         raise ValueError(f"train.length_groups: must be >= 1 or null, got {train.length_groups}")
+    if train.pad_to_multiple_of is not None and train.pad_to_multiple_of < 1:
+        raise ValueError(f"train.pad_to_multiple_of: must be >= 1 or null, got {train.pad_to_multiple_of}")
+    if train.compile is not None:
+        if train.compile not in COMPILE_MODES:
+            raise ValueError(f"train.compile: expected one of {' | '.join(COMPILE_MODES)} or null, "
+                             f"got {train.compile!r}")
+        if train.pad_to_multiple_of is None:
+            raise ValueError("train.compile: needs train.pad_to_multiple_of (e.g. 16), so that batches come in a few "
+                             "shapes; with a shape per text length every step would compile anew")
+        if train.cache_chunk_size is not None:
+            raise ValueError("train.compile: not with train.cache_chunk_size (GradCache replays dropout masks from "
+                             "the RNG state, which compiled code draws from differently)")
     if train.cache_chunk_size is not None and train.cache_chunk_size < 1:
         raise ValueError(f"train.cache_chunk_size: must be >= 1 or null, got {train.cache_chunk_size}")
     if not 0 <= train.warmup_ratio < 1:

@@ -15,6 +15,7 @@ import random
 
 import datasets
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .sources import check_local_files, resolve_dataset, unreachable
@@ -148,10 +149,13 @@ class Collator:
 
     Rows of a table made by `pretokenize` bring their token ids, and are only padded here (tokenising once
     up front takes the tokenizer out of every step); other rows are tokenised here. Both give the same batch.
+    pad_to_multiple_of=m pads further, up to a multiple of m tokens but at most max_length, so that batches
+    come in a few shapes (for torch.compile and CUDA graphs); the extra columns are masked padding.
     """
 
-    def __init__(self, columns: list[str], tokenizer, max_length: int):
+    def __init__(self, columns: list[str], tokenizer, max_length: int, pad_to_multiple_of: int | None = None):
         self.columns, self.tokenizer, self.max_length = columns, tokenizer, max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def pretokenize(self, table: datasets.Dataset) -> datasets.Dataset:
         """The table plus the token ids of every text column (`<column>.ids`), by datasets.map (cached on disk
@@ -177,20 +181,38 @@ class Collator:
             texts = [row[c] for c in self.columns for row in rows]  # column-major: (k·B,)
             batch = dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                         return_tensors="pt"))
+        if self.pad_to_multiple_of:
+            batch = pad_columns(batch, padded_length(batch["input_ids"].shape[1], self.pad_to_multiple_of,
+                                                     self.max_length), self.tokenizer.pad_token_id)
         if LABEL in rows[0]:
             batch["labels"] = torch.tensor([row[LABEL] for row in rows], dtype=torch.float32)
         return batch
 
 
-def chunk_features(features: dict[str, Tensor], rows: slice | Tensor) -> dict[str, Tensor]:
-    """Rows of a tokenised batch, without the padding columns that no row of the chunk needs (right padding)."""
+def padded_length(length: int, multiple: int, limit: int) -> int:
+    """`length` rounded up to a multiple of `multiple`, but not past `limit` (nor below `length`)."""
+    return max(length, min(-(-length // multiple) * multiple, limit))
+
+
+def pad_columns(features: dict[str, Tensor], length: int, pad_token_id: int) -> dict[str, Tensor]:
+    """A right-padded batch padded on to `length` columns: input ids with the pad token, the rest with 0."""
+    extra = length - features["input_ids"].shape[1]
+    return {k: F.pad(v, (0, extra), value=pad_token_id if k == "input_ids" else 0) for k, v in features.items()}
+
+
+def chunk_features(features: dict[str, Tensor], rows: slice | Tensor,
+                   pad_to_multiple_of: int | None = None) -> dict[str, Tensor]:
+    """Rows of a tokenised batch, without the padding columns that no row of the chunk needs (right padding);
+    with pad_to_multiple_of=m, keeping enough of them to make a multiple of m (at most the batch's width)."""
     chunk = {k: v[rows] for k, v in features.items()}
     mask = chunk["attention_mask"]
     length = int(mask.any(0).nonzero().max()) + 1  # last column that holds a real token of some row
+    if pad_to_multiple_of:
+        length = padded_length(length, pad_to_multiple_of, mask.shape[1])
     return {k: v[:, :length] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v for k, v in chunk.items()}
 
 
-def embed_by_length(embed, features: dict[str, Tensor], groups: int) -> Tensor:
+def embed_by_length(embed, features: dict[str, Tensor], groups: int, pad_to_multiple_of: int | None = None) -> Tensor:
     """embed(features), computed as `groups` forwards over texts of similar length, each padded only to the
     longest text of its group; rows come back in input order.
 
@@ -198,11 +220,13 @@ def embed_by_length(embed, features: dict[str, Tensor], groups: int) -> Tensor:
     masks); the batch, and so which texts are each other's negatives, is unchanged. What changes is the padded
     compute: a batch of 16 STS-B pairs is padded to its longest text, 2.4× its real tokens; sorted into 2
     groups it needs a third fewer padded tokens, into 4 groups nearly half fewer. That pays where compute is
-    the cost (CPU); on a GPU at small batches each extra forward costs launches instead.
+    the cost (CPU); on a GPU at small batches each extra forward costs launches instead. pad_to_multiple_of:
+    each group keeps padding up to a multiple of this many tokens (a few shapes, for torch.compile).
     """
     if groups <= 1:
         return embed(features)
     lengths = features["attention_mask"].sum(1)
     order = lengths.argsort(descending=True, stable=True)
-    pieces = [embed(chunk_features(features, rows)) for rows in order.tensor_split(groups) if len(rows)]
+    pieces = [embed(chunk_features(features, rows, pad_to_multiple_of))
+              for rows in order.tensor_split(groups) if len(rows)]
     return torch.cat(pieces)[order.argsort()]

@@ -5,6 +5,8 @@ Both losses score pairs by cosine similarity, so they are invariant to the scale
 Matryoshka prefix e[:, :d] and its re-normalised version give the same value.
 """
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,14 +34,24 @@ def nested_cosine_matrices(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
     dots = blocks.to(_sum_dtype(a)).cumsum(0)
     norm_a, norm_b = _prefix_norms(a, bounds[1:]), _prefix_norms(b, bounds[1:])  # (n, N), (n, M)
     cos = dots / (norm_a[:, :, None] * norm_b[:, None, :])
-    return cos[torch.tensor(ascending, device=a.device).argsort()]  # back to the order of `dims`
+    back = sorted(range(len(dims)), key=ascending.__getitem__)  # ascending's inverse: back to `dims`' order
+    return cos[device_constant(tuple(back), a.device)]
 
 
 def nested_pair_cosines(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
     """cos(a_i[:d], b_i[:d]) of row pairs for every d in `dims`: (len(dims), N), by prefix sums of a_i·b_i."""
-    ends = torch.tensor(dims, device=a.device) - 1
+    ends = device_constant(tuple(d - 1 for d in dims), a.device)
     dots = (a.to(_sum_dtype(a)) * b.to(_sum_dtype(b))).cumsum(-1)[:, ends].T  # (n, N)
     return dots / (_prefix_norms(a, dims) * _prefix_norms(b, dims))
+
+
+@lru_cache(maxsize=None)
+def device_constant(values: tuple, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """torch.tensor(values) on `device`, made once per (values, device, dtype) and shared: never modify it.
+
+    On a GPU a tensor made from Python data is a host-to-device copy that waits for every kernel queued before
+    it (a host sync); made once, the training step's index and weight tensors cost no sync."""
+    return torch.tensor(values, device=device, dtype=dtype)
 
 
 def _sum_dtype(x: Tensor) -> torch.dtype:
@@ -49,7 +61,7 @@ def _sum_dtype(x: Tensor) -> torch.dtype:
 def _prefix_norms(x: Tensor, dims: list[int]) -> Tensor:
     """‖x_i[:d]‖ for every d in `dims` from one cumulative sum of squares: (len(dims), N), floored at
     F.normalize's eps."""
-    ends = torch.tensor(dims, device=x.device) - 1
+    ends = device_constant(tuple(d - 1 for d in dims), x.device)
     return x.to(_sum_dtype(x)).pow(2).cumsum(-1)[:, ends].T.sqrt().clamp_min(1e-12)
 
 

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .losses import device_constant
+
 
 def check_dims(dims: Sequence[int], weights: Sequence[float] | str | None = None, n_dims_per_step: int | None = None,
                embedding_dim: int | None = None, field: str = "dims", always_full: bool = False,
@@ -176,7 +178,8 @@ class MatryoshkaLoss(nn.Module):
             s = self.log_variances[chosen].to(losses.device)
             total = (torch.exp(-s) * losses + s).sum()
         else:
-            total = (losses * losses.new_tensor([self.weights[i] for i in chosen])).sum()
+            weights = device_constant(tuple(self.weights[i] for i in chosen), losses.device, losses.dtype)
+            total = (losses * weights).sum()
         per_dim = dict(zip(dims, losses.detach().unbind()))
         students = [d for d in dims if d < width]
         if self.distill_weight > 0 and students:

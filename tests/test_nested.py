@@ -6,9 +6,10 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mrl.losses import (contrastive_loss, contrastive_losses_nested, cosent_loss, cosent_losses_nested,
-                        nested_cosine_matrices, nested_pair_cosines)
+                        device_constant, nested_cosine_matrices, nested_pair_cosines)
 from mrl.matryoshka import MatryoshkaLoss
 
 DIMS = [48, 8, 64, 16, 3]  # any order, a dim that is not a power of two, the full width
@@ -89,3 +90,34 @@ def test_matryoshka_loss_nested_path_equals_the_loop_in_value_and_gradient(name,
         torch.testing.assert_close(per_dim_nested[d], per_dim_loop[d], rtol=1e-12, atol=1e-12)
     for g_nested, g_loop in zip(grads_nested, grads_loop):
         torch.testing.assert_close(g_nested, g_loop, rtol=1e-10, atol=1e-12)
+
+
+class TensorsFromPythonData(TorchDispatchMode):
+    """Counts the tensors made from Python data (torch.tensor, new_tensor, indexing with a list): on a GPU each
+    is a host-to-device copy that waits for the GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.lift_fresh.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["cosent", "contrastive"])
+def test_a_training_step_of_the_nested_loss_makes_no_tensor_from_python_data(name):
+    """Its index and weight tensors are made on the first step only (mrl.losses.device_constant)."""
+    nested = {"cosent": cosent_losses_nested, "contrastive": contrastive_losses_nested}[name]
+    base = {"cosent": cosent_loss, "contrastive": contrastive_loss}[name]
+    loss_fn = MatryoshkaLoss(base, DIMS, [1.0, 2.0, 0.5, 1.0, 3.0], nested_loss=nested)
+    g = torch.Generator().manual_seed(0)
+    embeddings = [torch.randn(6, 64, generator=g, requires_grad=True) for _ in range(2 if name == "cosent" else 3)]
+    labels = torch.rand(6, generator=g)
+    device_constant.cache_clear()  # as in a new process: the first step makes them
+    steps = []
+    for _ in range(2):
+        with TensorsFromPythonData() as made:
+            loss_fn(embeddings, labels)[0].backward()
+        steps.append(made.count)
+    assert steps[0] > 0 and steps[1] == 0, steps  # the first step makes them: the check sees them
