@@ -3,10 +3,13 @@ measured interleaved in one process (so drift in the machine's speed hits both a
 
     python benchmarks/step_profile.py                 # CPU or GPU, whichever is here; 30 batches of 16 pairs
     python benchmarks/step_profile.py --batches 100 --bf16
+    python benchmarks/step_profile.py --pad 16 --compile reduce-overhead   # + padded shapes, compiled
 
 Parts: collate (tokenise per step vs pad pre-tokenised ids), forward + backward of the encoder (one forward vs
 length groups), the loss (plain CoSENT vs Matryoshka over 7 dims, forward + backward), the optimiser step
-(AdamW foreach vs fused). Milliseconds per step, median over shuffled batches, as training draws them.
+(AdamW foreach vs fused); with --pad, one forward padded to a multiple of that many tokens (train.pad_to_multiple_of),
+eager and, with --compile, compiled (train.compile; each new shape compiles in an untimed call first).
+Milliseconds per step, median over shuffled batches, as training draws them.
 """
 
 import argparse
@@ -23,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mrl.config import load_config  # noqa: E402
-from mrl.data import Collator, embed_by_length, load_table, text_columns  # noqa: E402
+from mrl.config import COMPILE_MODES  # noqa: E402
+from mrl.data import Collator, embed_by_length, load_table, pad_columns, padded_length, text_columns  # noqa: E402
 from mrl.encoder import Encoder  # noqa: E402
 from mrl.losses import LOSSES, NESTED_LOSSES  # noqa: E402
 from mrl.matryoshka import MatryoshkaLoss  # noqa: E402
@@ -45,7 +49,11 @@ def main():
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--pad", type=int, default=None, help="also time one forward padded to a multiple of this")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default=None, help="also time it compiled (needs --pad)")
     args = parser.parse_args()
+    if args.compile and not args.pad:
+        parser.error("--compile needs --pad (a few shapes)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     cfg = load_config(os.path.join(ROOT, "configs", "default.yaml"), [])
@@ -63,6 +71,8 @@ def main():
     optimisers = {name: torch.optim.AdamW(trained, lr=1e-12, **kwargs)
                   for name, kwargs in (("AdamW foreach", {"foreach": True}), ("AdamW fused", {"fused": True}))}
 
+    compiled = torch.compile(model, mode=args.compile, dynamic=False) if args.compile else None
+    compiled_shapes = set()
     times = {}
 
     def record(part: str, option: str, ms: float):
@@ -88,6 +98,25 @@ def main():
             ms = timed(step, device)
             if i >= 3:
                 record("encoder forward + backward", f"{groups} length group(s)", ms)
+        if args.pad:
+            width = padded_length(batch["input_ids"].shape[1], args.pad, model.max_seq_length)
+            padded = pad_columns(batch, width, model.tokenizer.pad_token_id)
+            forwards = {f"1 group, padded to a multiple of {args.pad}": model}
+            if compiled is not None:
+                forwards[f"1 group, padded to a multiple of {args.pad}, compiled ({args.compile})"] = compiled
+            for name, embed in forwards.items():
+                def step():
+                    if embed is compiled:
+                        torch.compiler.cudagraph_mark_step_begin()  # (reduce-overhead: a new training step)
+                    with autocast:
+                        embeddings = embed(padded)
+                    embeddings.float().sum().backward()
+                if embed is compiled and width not in compiled_shapes:  # compiling is not part of a step
+                    compiled_shapes.add(width)
+                    step()
+                ms = timed(step, device)
+                if i >= 3:
+                    record("encoder forward + backward", name, ms)
         with torch.no_grad(), autocast:
             embeddings = model(batch).float()
         a, b = (e.detach().requires_grad_() for e in embeddings.chunk(2))
