@@ -147,10 +147,12 @@ scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_rati
                                             total_steps * accelerator.num_processes)
 model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 # the training forward, compiled if asked (its backward then too); evaluation and saving use `model`, eager.
-# One graph per batch shape: pad_to_multiple_of keeps them few, and the recompile limit is raised to cover them
+# One graph per batch shape: each padded length (pad_to_multiple_of keeps them few) in each length group, times
+# a few batch sizes (an epoch's last batch); Dynamo's recompile limit (8 by default) is raised to cover them
 forward = model
 if cfg.train.compile:
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    n_shapes = 4 * length_groups * math.ceil(collate.max_length / cfg.train.pad_to_multiple_of)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, n_shapes)
     forward = torch.compile(model, mode=cfg.train.compile, dynamic=False)
 cuda_graphs = cfg.train.compile == "reduce-overhead" and accelerator.device.type == "cuda"
 
@@ -235,9 +237,9 @@ if cfg.loss.n_dims_per_step is not None and accelerator.is_main_process:
 dims_loss_fn = loss_fn.matryoshka if cfg.loss.two_d else loss_fn
 bar = tqdm(total=total_steps, initial=progress.step, desc="train", disable=not accelerator.is_main_process)
 samples, start_time, start_step = 0, time.perf_counter(), progress.step
-# with train.compile: the steps that met a new batch shape, which compiled (a new length group's shape may also
-# compile within another step: on a GPU there is one group), so that the rate after compiling can be told apart
-compiling = {"shapes": set(), "steps": 0, "samples": 0, "seconds": 0.0}
+# the steps that met a batch shape for the first time, timed apart: there a compiled forward compiles, and any
+# run's first step sets up kernels and memory. The rate of the other steps compares compiled and eager runs
+shapes_seen, new_shape_samples, new_shape_seconds = set(), 0, 0.0
 while progress.step < total_steps and progress.epoch < cfg.train.epochs:
     sampler.set_epoch(progress.epoch)  # the same shuffles on every process, and again on resume
     loader.set_epoch(progress.epoch)
@@ -270,10 +272,10 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
         progress.batch_in_epoch += 1
         batch_samples = len(batch["input_ids"]) // len(columns) * accelerator.num_processes
         samples += batch_samples
-        if cfg.train.compile and shape not in compiling["shapes"]:  # this forward compiled (time on the host)
-            compiling["shapes"].add(shape)
-            compiling["steps"], compiling["samples"] = compiling["steps"] + 1, compiling["samples"] + batch_samples
-            compiling["seconds"] += time.perf_counter() - batch_start
+        if shape not in shapes_seen:
+            shapes_seen.add(shape)
+            new_shape_samples += batch_samples
+            new_shape_seconds += time.perf_counter() - batch_start
         for d, value in {"total": loss.detach(), **per_dim}.items():  # a dim or layer drawn on some steps only
             running[d], counts[d] = running.get(d, 0.0) + value, counts.get(d, 0) + 1  # averages its own steps
         step_dims.update(d for d in per_dim if isinstance(d, int))
@@ -323,11 +325,10 @@ results["train"] = {"steps": progress.step - start_step, "processes": accelerato
                     "dims_trained": {d: dims_trained[d] for d in sorted(dims_trained, reverse=True)},
                     "cross_device": cross_device, "samples": samples, "seconds": round(train_seconds, 1),
                     "samples_per_second": round(samples / max(train_seconds, 1e-9), 1),
-                    **({"compiling": {"shapes": len(compiling["shapes"]), "steps": compiling["steps"],
-                                      "seconds": round(compiling["seconds"], 1),
-                                      "samples_per_second_after": round((samples - compiling["samples"]) / max(
-                                          train_seconds - compiling["seconds"], 1e-9), 1)}}
-                       if cfg.train.compile else {}),
+                    "new_shape_steps": {"count": len(shapes_seen), "seconds": round(new_shape_seconds, 1)},
+                    "samples_per_second_other_steps": round((samples - new_shape_samples)
+                                                            / max(train_seconds - new_shape_seconds, 1e-9), 1)
+                                                      if samples > new_shape_samples else None,
                     "peak_cuda_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None}
 if cfg.loss.matryoshka:
     results["train"]["dim_weights"] = dims_loss_fn.current_weights()  # learned: where they ended

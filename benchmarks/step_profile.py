@@ -25,8 +25,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mrl.config import load_config  # noqa: E402
-from mrl.config import COMPILE_MODES  # noqa: E402
+from mrl.config import COMPILE_MODES, load_config  # noqa: E402
 from mrl.data import Collator, embed_by_length, load_table, pad_columns, padded_length, text_columns  # noqa: E402
 from mrl.encoder import Encoder  # noqa: E402
 from mrl.losses import LOSSES, NESTED_LOSSES  # noqa: E402

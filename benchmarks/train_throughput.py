@@ -90,7 +90,8 @@ def run_mrl(args, out_dir: str) -> dict:
         train = json.load(f)["train"]
     return {"samples": train["samples"], "seconds": train["seconds"], "steps": train["steps"],
             "peak_mib": train["peak_cuda_memory_mib"] if DEVICE == "cuda" else peak_memory_mib("cpu", True),
-            "model": os.path.join(out_dir, "model"), "compiling": train.get("compiling")}
+            "model": os.path.join(out_dir, "model"), "new_shape_steps": train["new_shape_steps"],
+            "other_steps_rate": train["samples_per_second_other_steps"]}
 
 
 def run_reference(args, cfg, model_path: str, train_table, out_dir: str) -> dict:
@@ -219,10 +220,10 @@ def main():
         tflops = rate * flops_per_sample / 1e12
         mfu = f"{100 * tflops / args.peak_tflops:.1f}%" if args.peak_tflops else "–"
         print(f"| {name} | {rate:.1f} | {rate * tokens_per_sample:.0f} | {tflops:.3f} | {mfu} | {peak} | {ratio} |")
-    compiling = runs["mrl"]["compiling"]
-    if compiling:
-        print(f"\nmrl compiled {compiling['shapes']} batch shapes in {compiling['steps']} steps, {compiling['seconds']} s "
-              f"(included above); the other steps ran at {compiling['samples_per_second_after']} samples/s")
+    new_shapes = runs["mrl"]["new_shape_steps"]
+    print(f"\nmrl: the {new_shapes['count']} steps that met a new batch shape (compiling, with train.compile) took "
+          f"{new_shapes['seconds']} s, included above; the other steps ran at {runs['mrl']['other_steps_rate'] or '–'} "
+          "samples/s")
     step_ms = 1000 * runs["mrl"]["seconds"] / runs["mrl"]["steps"]
     loss_ms = loss_overhead_ms(cfg.loss.name, len(text_columns), args.batch_size, encoder.embedding_dim, dims, DEVICE)
     extra = loss_ms["matryoshka"] - loss_ms["plain"]

@@ -246,6 +246,9 @@ def validate(cfg: Config) -> None:
         if train.pad_to_multiple_of is None:
             raise ValueError("train.compile: needs train.pad_to_multiple_of (e.g. 16), so that batches come in a few "
                              "shapes; with a shape per text length every step would compile anew")
+        if train.compile == "reduce-overhead" and train.grad_accum > 1:
+            raise ValueError("train.compile: reduce-overhead (CUDA graphs) not with train.grad_accum > 1: a graph's "
+                             "replay would overwrite the gradients accumulated from its earlier outputs")
         if train.cache_chunk_size is not None:
             raise ValueError("train.compile: not with train.cache_chunk_size (GradCache replays dropout masks from "
                              "the RNG state, which compiled code draws from differently)")

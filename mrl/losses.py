@@ -35,23 +35,25 @@ def nested_cosine_matrices(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
     norm_a, norm_b = _prefix_norms(a, bounds[1:]), _prefix_norms(b, bounds[1:])  # (n, N), (n, M)
     cos = dots / (norm_a[:, :, None] * norm_b[:, None, :])
     back = sorted(range(len(dims)), key=ascending.__getitem__)  # ascending's inverse: back to `dims`' order
-    return cos[device_constant(tuple(back), a.device)]
+    return cos[device_constant(tuple(back), a.device, torch.long)]
 
 
 def nested_pair_cosines(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
     """cos(a_i[:d], b_i[:d]) of row pairs for every d in `dims`: (len(dims), N), by prefix sums of a_i·b_i."""
-    ends = device_constant(tuple(d - 1 for d in dims), a.device)
+    ends = device_constant(tuple(d - 1 for d in dims), a.device, torch.long)
     dots = (a.to(_sum_dtype(a)) * b.to(_sum_dtype(b))).cumsum(-1)[:, ends].T  # (n, N)
     return dots / (_prefix_norms(a, dims) * _prefix_norms(b, dims))
 
 
 @lru_cache(maxsize=None)
-def device_constant(values: tuple, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
-    """torch.tensor(values) on `device`, made once per (values, device, dtype) and shared: never modify it.
+def device_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """torch.tensor(values, dtype=dtype) on `device`, made once per (values, device, dtype) and shared: never
+    modify it. (The dtype is part of the key, since (1, 2) and (1.0, 2.0) are equal keys.)
 
     On a GPU a tensor made from Python data is a host-to-device copy that waits for every kernel queued before
     it (a host sync); made once, the training step's index and weight tensors cost no sync."""
-    return torch.tensor(values, device=device, dtype=dtype)
+    with torch.inference_mode(False):  # a first call under inference mode must not cache an inference tensor
+        return torch.tensor(values, device=device, dtype=dtype)
 
 
 def _sum_dtype(x: Tensor) -> torch.dtype:
@@ -61,7 +63,7 @@ def _sum_dtype(x: Tensor) -> torch.dtype:
 def _prefix_norms(x: Tensor, dims: list[int]) -> Tensor:
     """‖x_i[:d]‖ for every d in `dims` from one cumulative sum of squares: (len(dims), N), floored at
     F.normalize's eps."""
-    ends = device_constant(tuple(d - 1 for d in dims), x.device)
+    ends = device_constant(tuple(d - 1 for d in dims), x.device, torch.long)
     return x.to(_sum_dtype(x)).pow(2).cumsum(-1)[:, ends].T.sqrt().clamp_min(1e-12)
 
 

@@ -175,7 +175,8 @@ class MatryoshkaLoss(nn.Module):
             losses = torch.stack([self.base_loss([F.normalize(e[:, :d], dim=-1) for e in embeddings], labels,
                                                  **loss_kwargs) for d in dims])
         if self.learned:
-            s = self.log_variances[chosen].to(losses.device)
+            chosen_rows = device_constant(tuple(chosen), self.log_variances.device, torch.long)
+            s = self.log_variances[chosen_rows].to(losses.device)
             total = (torch.exp(-s) * losses + s).sum()
         else:
             weights = device_constant(tuple(self.weights[i] for i in chosen), losses.device, losses.dtype)

@@ -106,11 +106,12 @@ class TensorsFromPythonData(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("name", ["cosent", "contrastive"])
-def test_a_training_step_of_the_nested_loss_makes_no_tensor_from_python_data(name):
+@pytest.mark.parametrize("weights", [[1.0, 2.0, 0.5, 1.0, 3.0], "learned"])
+def test_a_training_step_of_the_nested_loss_makes_no_tensor_from_python_data(name, weights):
     """Its index and weight tensors are made on the first step only (mrl.losses.device_constant)."""
     nested = {"cosent": cosent_losses_nested, "contrastive": contrastive_losses_nested}[name]
     base = {"cosent": cosent_loss, "contrastive": contrastive_loss}[name]
-    loss_fn = MatryoshkaLoss(base, DIMS, [1.0, 2.0, 0.5, 1.0, 3.0], nested_loss=nested)
+    loss_fn = MatryoshkaLoss(base, DIMS, weights, nested_loss=nested)
     g = torch.Generator().manual_seed(0)
     embeddings = [torch.randn(6, 64, generator=g, requires_grad=True) for _ in range(2 if name == "cosent" else 3)]
     labels = torch.rand(6, generator=g)
@@ -121,3 +122,14 @@ def test_a_training_step_of_the_nested_loss_makes_no_tensor_from_python_data(nam
             loss_fn(embeddings, labels)[0].backward()
         steps.append(made.count)
     assert steps[0] > 0 and steps[1] == 0, steps  # the first step makes them: the check sees them
+
+
+def test_device_constant_keys_on_dtype_and_survives_a_first_call_under_inference_mode():
+    device_constant.cache_clear()
+    with torch.inference_mode():  # e.g. an evaluation that computes the loss first
+        first = device_constant((0, 2), torch.device("cpu"), torch.long)
+    assert not first.is_inference()
+    x = torch.randn(3, 4, requires_grad=True)
+    x[:, first].sum().backward()  # usable in training afterwards
+    assert device_constant((0.0, 2.0), torch.device("cpu"), torch.float32).dtype == torch.float32
+    assert device_constant((0, 2), torch.device("cpu"), torch.long) is first
