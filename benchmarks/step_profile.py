@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 
@@ -89,33 +90,27 @@ def main():
                 record("collate", option, ms)
         batch = {k: v.to(device) for k, v in batches["pad pre-tokenised ids"].items()}
         labels = batch.pop("labels")
-        for groups in (1, 2, 4):
-            def step():
-                with autocast:
-                    embeddings = embed_by_length(model, batch, groups)
-                embeddings.float().sum().backward()
-            ms = timed(step, device)
-            if i >= 3:
-                record("encoder forward + backward", f"{groups} length group(s)", ms)
+        forwards = {f"{groups} length group(s)": (partial(embed_by_length, model, groups=groups), batch)
+                    for groups in (1, 2, 4)}  # option -> (embed, its features)
         if args.pad:
             width = padded_length(batch["input_ids"].shape[1], args.pad, model.max_seq_length)
             padded = pad_columns(batch, width, model.tokenizer.pad_token_id)
-            forwards = {f"1 group, padded to a multiple of {args.pad}": model}
+            forwards[f"1 group, padded to a multiple of {args.pad}"] = model, padded
             if compiled is not None:
-                forwards[f"1 group, padded to a multiple of {args.pad}, compiled ({args.compile})"] = compiled
-            for name, embed in forwards.items():
-                def step():
-                    if embed is compiled:
-                        torch.compiler.cudagraph_mark_step_begin()  # (reduce-overhead: a new training step)
-                    with autocast:
-                        embeddings = embed(padded)
-                    embeddings.float().sum().backward()
-                if embed is compiled and width not in compiled_shapes:  # compiling is not part of a step
-                    compiled_shapes.add(width)
-                    step()
-                ms = timed(step, device)
-                if i >= 3:
-                    record("encoder forward + backward", name, ms)
+                forwards[f"1 group, padded to a multiple of {args.pad}, compiled ({args.compile})"] = compiled, padded
+        for name, (embed, features) in forwards.items():
+            def step():
+                if embed is compiled:
+                    torch.compiler.cudagraph_mark_step_begin()  # (reduce-overhead: a new training step)
+                with autocast:
+                    embeddings = embed(features)
+                embeddings.float().sum().backward()
+            if embed is compiled and width not in compiled_shapes:  # compiling is not part of a step
+                compiled_shapes.add(width)
+                step()
+            ms = timed(step, device)
+            if i >= 3:
+                record("encoder forward + backward", name, ms)
         with torch.no_grad(), autocast:
             embeddings = model(batch).float()
         a, b = (e.detach().requires_grad_() for e in embeddings.chunk(2))

@@ -40,7 +40,7 @@ def nested_cosine_matrices(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
 
 def nested_pair_cosines(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
     """cos(a_i[:d], b_i[:d]) of row pairs for every d in `dims`: (len(dims), N), by prefix sums of a_i·b_i."""
-    ends = device_constant(tuple(d - 1 for d in dims), a.device, torch.long)
+    ends = _last_columns(dims, a.device)
     dots = (a.to(_sum_dtype(a)) * b.to(_sum_dtype(b))).cumsum(-1)[:, ends].T  # (n, N)
     return dots / (_prefix_norms(a, dims) * _prefix_norms(b, dims))
 
@@ -56,6 +56,11 @@ def device_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> 
         return torch.tensor(values, device=device, dtype=dtype)
 
 
+def _last_columns(dims: list[int], device: torch.device) -> Tensor:
+    """The column index of each prefix's last dim, d - 1 for every d in `dims`, as a (cached) device tensor."""
+    return device_constant(tuple(d - 1 for d in dims), device, torch.long)
+
+
 def _sum_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)  # sums in float32 at least, also under bf16 autocast
 
@@ -63,7 +68,7 @@ def _sum_dtype(x: Tensor) -> torch.dtype:
 def _prefix_norms(x: Tensor, dims: list[int]) -> Tensor:
     """‖x_i[:d]‖ for every d in `dims` from one cumulative sum of squares: (len(dims), N), floored at
     F.normalize's eps."""
-    ends = device_constant(tuple(d - 1 for d in dims), x.device, torch.long)
+    ends = _last_columns(dims, x.device)
     return x.to(_sum_dtype(x)).pow(2).cumsum(-1)[:, ends].T.sqrt().clamp_min(1e-12)
 
 
