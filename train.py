@@ -112,7 +112,10 @@ if cfg.loss.two_d:
     loss_fn = Matryoshka2dLoss(loss_fn, cfg.loss.n_layers_per_step, cfg.loss.layer_weight, cfg.loss.kl_weight,
                                cfg.loss.kl_temperature)
 cross_device = cfg.loss.cross_device
-length_groups = cfg.train.length_groups or (1 if accelerator.device.type == "cuda" else 2)
+# by default, 1 forward per batch on a GPU (launch-bound at small batches); on a CPU, where compute follows
+# tokens, length groups of about 32 texts, at least 2 (benchmarks/NOTES.md: fastest for STS and NLI batches)
+length_groups = cfg.train.length_groups or (1 if accelerator.device.type == "cuda"
+                                            else max(2, cfg.train.batch_size * len(columns) // 32))
 if cross_device is None:
     cross_device = cfg.loss.name == "contrastive" and accelerator.num_processes > 1
 accelerator.print(f"loss: {loss_fn}" + (f", negatives from all {accelerator.num_processes} processes" if cross_device else "")

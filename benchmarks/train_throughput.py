@@ -13,7 +13,7 @@ by the same evaluator (mrl.evaluation).
     python benchmarks/train_throughput.py --quick                        # CPU: 40 steps each
     python benchmarks/train_throughput.py --epochs 4 --bf16              # the full STS recipe on a GPU
     python benchmarks/train_throughput.py --recipe nli --bf16            # the NLI recipe, 1 epoch, on a GPU
-    python benchmarks/train_throughput.py --epochs 4 --bf16 --skip-reference \
+    python benchmarks/train_throughput.py --epochs 4 --bf16 --skip-reference \\
         --set train.compile=reduce-overhead --set train.pad_to_multiple_of=32   # mrl with CUDA graphs
 Model and data are the configs' hub ids, or local copies through configs/mirror.yaml (or MRL_MIRROR).
 """

@@ -80,7 +80,8 @@ class TrainConfig:
     # GradCache (mrl/gradcache.py): embed the batch in chunks of this many texts, exactly; memory of one chunk
     cache_chunk_size: int | None = None
     # embed each batch as this many forwards over texts of similar length (less padding, the same embeddings;
-    # mrl.data.embed_by_length); None: 1 on a GPU (launch-bound at small batches), 2 on a CPU (compute-bound).
+    # mrl.data.embed_by_length); None: 1 on a GPU (launch-bound at small batches), on a CPU (compute-bound)
+    # groups of about 32 texts, at least 2 (2 for 16 STS pairs, 12 for 128 NLI triplets).
     # GradCache (cache_chunk_size) embeds in its own chunks instead, each trimmed to its longest text
     length_groups: int | None = None
     # pad every batch (and length group) up to a multiple of this many tokens, at most max_seq_length: a few

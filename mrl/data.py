@@ -219,8 +219,9 @@ def embed_by_length(embed, features: dict[str, Tensor], groups: int, pad_to_mult
     Padding is masked, so these are the embeddings of one forward (to float rounding; dropout draws other
     masks); the batch, and so which texts are each other's negatives, is unchanged. What changes is the padded
     compute: a batch of 16 STS-B pairs is padded to its longest text, 2.4× its real tokens; sorted into 2
-    groups it needs a third fewer padded tokens, into 4 groups nearly half fewer. That pays where compute is
-    the cost (CPU); on a GPU at small batches each extra forward costs launches instead. pad_to_multiple_of:
+    groups it needs a third fewer padded tokens, into 4 groups nearly half fewer. A batch of 128 NLI triplets
+    is padded to 4.8× its real tokens, in 12 groups to 1.3×. That pays where compute is the cost (CPU); on a
+    GPU at small batches each extra forward costs launches instead. pad_to_multiple_of:
     each group keeps padding up to a multiple of this many tokens (a few shapes, for torch.compile).
     """
     if groups <= 1:
