@@ -111,11 +111,19 @@ else:
 if cfg.loss.two_d:
     loss_fn = Matryoshka2dLoss(loss_fn, cfg.loss.n_layers_per_step, cfg.loss.layer_weight, cfg.loss.kl_weight,
                                cfg.loss.kl_temperature)
+
+
+def length_groups_for(n_texts: int) -> int:
+    """train.length_groups, or by default 1 forward per batch on a GPU (launch-bound at small batches) and, on a
+    CPU, where compute follows tokens, groups of about 32 texts, at least 2 (benchmarks/NOTES.md: the fastest
+    for STS and NLI batches)."""
+    if cfg.train.length_groups:
+        return cfg.train.length_groups
+    return 1 if accelerator.device.type == "cuda" else max(2, n_texts // 32)
+
+
+length_groups = length_groups_for(cfg.train.batch_size * len(columns))  # of a full batch
 cross_device = cfg.loss.cross_device
-# by default, 1 forward per batch on a GPU (launch-bound at small batches); on a CPU, where compute follows
-# tokens, length groups of about 32 texts, at least 2 (benchmarks/NOTES.md: fastest for STS and NLI batches)
-length_groups = cfg.train.length_groups or (1 if accelerator.device.type == "cuda"
-                                            else max(2, cfg.train.batch_size * len(columns) // 32))
 if cross_device is None:
     cross_device = cfg.loss.name == "contrastive" and accelerator.num_processes > 1
 accelerator.print(f"loss: {loss_fn}" + (f", negatives from all {accelerator.num_processes} processes" if cross_device else "")
@@ -260,7 +268,8 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
             else:
                 # every column's texts as one batch, embedded in length groups (less padding): k × (B, D), or
                 # k × (B, L, D) with every layer's embedding (2D)
-                embeddings = embed_by_length(partial(forward, all_layers=cfg.loss.two_d), batch, length_groups,
+                embeddings = embed_by_length(partial(forward, all_layers=cfg.loss.two_d), batch,
+                                             length_groups_for(len(batch["input_ids"])),
                                              cfg.train.pad_to_multiple_of).chunk(len(columns))
                 loss, per_dim = compute_loss(list(embeddings), labels)
                 accelerator.backward(loss)

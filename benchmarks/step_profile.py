@@ -5,7 +5,7 @@ the machine's speed hits both alike).
     python benchmarks/step_profile.py                 # CPU or GPU, whichever is here; 30 batches of 16 pairs
     python benchmarks/step_profile.py --batches 100 --bf16
     python benchmarks/step_profile.py --pad 16 --compile reduce-overhead   # + padded shapes, compiled
-    python benchmarks/step_profile.py --recipe nli --batches 5 --groups 1 2 4 8 12 16   # 128 triplets a batch
+    python benchmarks/step_profile.py --recipe nli --batches 4 --groups 1 2 4 8 12 16   # 128 triplets a batch
 
 Parts: collate (tokenise per step vs pad pre-tokenised ids), forward + backward of the encoder (one forward vs
 length groups), the recipe's loss (plain vs Matryoshka, forward + backward), the optimiser step
@@ -57,6 +57,8 @@ def main():
     parser.add_argument("--pad", type=int, default=None, help="also time one forward padded to a multiple of this")
     parser.add_argument("--compile", choices=COMPILE_MODES, default=None, help="also time it compiled (needs --pad)")
     args = parser.parse_args()
+    if min(args.groups) < 1:
+        parser.error("--groups: each count must be >= 1")
     if args.compile and not args.pad:
         parser.error("--compile needs --pad (a few shapes)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,8 +74,8 @@ def main():
     autocast = torch.autocast(device, torch.bfloat16) if args.bf16 else nullcontext()
     dims = cfg.loss.dims
     loss_name = cfg.loss.name
-    base_loss, nested_loss = (partial(LOSSES[loss_name], scale=cfg.loss.scale),
-                              partial(NESTED_LOSSES[loss_name], scale=cfg.loss.scale))
+    loss_kwargs = {"scale": cfg.loss.scale, **({"symmetric": cfg.loss.symmetric} if loss_name == "contrastive" else {})}
+    base_loss, nested_loss = (partial(LOSSES[loss_name], **loss_kwargs), partial(NESTED_LOSSES[loss_name], **loss_kwargs))
     losses = {f"plain {loss_name}": MatryoshkaLoss(base_loss, [model.embedding_dim], nested_loss=nested_loss),
               f"Matryoshka {loss_name}, {len(dims)} dims": MatryoshkaLoss(base_loss, dims, nested_loss=nested_loss)}
     trained = [p for p in model.parameters() if p.requires_grad]
