@@ -31,7 +31,7 @@ from mrl.encoder import Encoder
 from mrl.evaluation import evaluate_sts, markdown_table
 from mrl.dist import gather_columns
 from mrl.gradcache import cached_backward
-from mrl.losses import LOSSES, NESTED_LOSSES, NESTED_SCORES
+from mrl.losses import NESTED_SCORES, losses_for
 from mrl.matryoshka import Matryoshka2dLoss, MatryoshkaLoss, check_dims, check_n_layers_per_step
 from mrl.sources import load_mirror, resolve_model, unreachable
 
@@ -100,8 +100,7 @@ loader = DataLoader(train_table, batch_sampler=sampler, collate_fn=collate, num_
 
 # -- loss: the plain (baseline) loss is the Matryoshka loss with the full width as its only dim
 # every dim's loss comes from one batched computation (prefix sums; equal to the per-dim loop, see the tests)
-loss_kwargs = {"scale": cfg.loss.scale, **({"symmetric": cfg.loss.symmetric} if cfg.loss.name == "contrastive" else {})}
-base_loss, nested_loss = (partial(table[cfg.loss.name], **loss_kwargs) for table in (LOSSES, NESTED_LOSSES))
+base_loss, nested_loss = losses_for(cfg.loss.name, cfg.loss.scale, cfg.loss.symmetric)
 if cfg.loss.matryoshka:
     loss_fn = MatryoshkaLoss(base_loss, cfg.loss.dims, cfg.loss.dim_weights, cfg.loss.n_dims_per_step, nested_loss,
                              cfg.loss.dim_schedule, cfg.loss.always_full_dim, cfg.loss.distill_weight,

@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 from mrl.config import COMPILE_MODES  # noqa: E402
 from mrl.data import Collator, embed_by_length, load_table, pad_columns, padded_length, text_columns  # noqa: E402
 from mrl.encoder import Encoder  # noqa: E402
-from mrl.losses import LOSSES, NESTED_LOSSES  # noqa: E402
+from mrl.losses import losses_for  # noqa: E402
 from mrl.matryoshka import MatryoshkaLoss  # noqa: E402
 from mrl.sources import load_mirror, resolve_model  # noqa: E402
 
@@ -74,8 +74,7 @@ def main():
     autocast = torch.autocast(device, torch.bfloat16) if args.bf16 else nullcontext()
     dims = cfg.loss.dims
     loss_name = cfg.loss.name
-    loss_kwargs = {"scale": cfg.loss.scale, **({"symmetric": cfg.loss.symmetric} if loss_name == "contrastive" else {})}
-    base_loss, nested_loss = (partial(LOSSES[loss_name], **loss_kwargs), partial(NESTED_LOSSES[loss_name], **loss_kwargs))
+    base_loss, nested_loss = losses_for(loss_name, cfg.loss.scale, cfg.loss.symmetric)
     losses = {f"plain {loss_name}": MatryoshkaLoss(base_loss, [model.embedding_dim], nested_loss=nested_loss),
               f"Matryoshka {loss_name}, {len(dims)} dims": MatryoshkaLoss(base_loss, dims, nested_loss=nested_loss)}
     trained = [p for p in model.parameters() if p.requires_grad]

@@ -5,7 +5,7 @@ Both losses score pairs by cosine similarity, so they are invariant to the scale
 Matryoshka prefix e[:, :d] and its re-normalised version give the same value.
 """
 
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -182,3 +182,10 @@ def cosent_scores_nested(embeddings: list[Tensor], *, dims: list[int]) -> Tensor
 LOSSES = {"contrastive": contrastive_loss, "cosent": cosent_loss}
 NESTED_LOSSES = {"contrastive": contrastive_losses_nested, "cosent": cosent_losses_nested}  # all dims at once
 NESTED_SCORES = {"contrastive": contrastive_scores_nested, "cosent": cosent_scores_nested}
+
+
+def losses_for(name: str, scale: float, symmetric: bool = False) -> tuple:
+    """The loss called `name` and its all-dims-at-once form (LOSSES, NESTED_LOSSES), with their settings bound:
+    scale, and symmetric for the contrastive loss (CoSENT has no such setting)."""
+    kwargs = {"scale": scale, **({"symmetric": symmetric} if name == "contrastive" else {})}
+    return partial(LOSSES[name], **kwargs), partial(NESTED_LOSSES[name], **kwargs)
