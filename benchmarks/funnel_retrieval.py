@@ -3,7 +3,7 @@
 The corpus: the real embeddings of every distinct NLI hypothesis in the triplet files (about 35k), plus
 augmented copies up to --corpus-size: copy = normalize(e + σ·g), g ~ N(0, I/D), so each copy is a near
 neighbour of a real text (σ = 0.75 gives cosine ≈ 0.8 to its source). Queries: the last --queries premises of
-the files (mrl.retrieval.nli_retrieval_set); relevant documents: their real entailments. Both searches run in
+the files (mrl.retrieval.data.nli_retrieval_set); relevant documents: their real entailments. Both searches run in
 this process on the same tensors; the speed-up is the ratio of their wall times.
 
     python benchmarks/funnel_retrieval.py --model runs/default/model \
@@ -18,8 +18,10 @@ import time
 import torch
 
 from mrl import Encoder
-from mrl.funnel import FunnelIndex
-from mrl.retrieval import nli_retrieval_set, prefix, rankings_from, retrieval_metrics, top_k
+from mrl.retrieval.data import nli_retrieval_set
+from mrl.retrieval.exact import prefix, top_k
+from mrl.retrieval.funnel import FunnelIndex
+from mrl.retrieval.metrics import rankings_from, retrieval_metrics
 
 
 def parse_stages(text: str) -> list[tuple[int, int]]:

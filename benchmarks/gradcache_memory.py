@@ -24,8 +24,9 @@ def one_step(args) -> dict:
 
     from mrl import Encoder
     from mrl.gradcache import cached_backward
-    from mrl.losses import contrastive_loss, contrastive_losses_nested
+    from mrl.losses import contrastive_loss
     from mrl.matryoshka import MatryoshkaLoss
+    from mrl.nested import contrastive_losses_nested
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with gzip.open(args.triplets, "rt") as f:

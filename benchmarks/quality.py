@@ -28,8 +28,9 @@ from mrl.config import load_config  # noqa: E402
 # name -> overrides of the recipe; "mrl" is plain MRL (the reference's objective, our code)
 VARIANTS = {
     "mrl": [],
-    "distill": ["loss.distill_weight=1.0", "loss.distill_temperature=0.05"],
-    "cyclic_full": ["loss.n_dims_per_step=4", "loss.dim_schedule=cyclic", "loss.always_full_dim=true"],
+    "distill": ["loss.distill.weight=1.0", "loss.distill.temperature=0.05"],
+    "cyclic_full": ["loss.dim_sampling.dims_per_step=4", "loss.dim_sampling.schedule=cyclic",
+                    "loss.dim_sampling.always_full=true"],
     "inverse_sqrt": ["loss.dim_weights=inverse_sqrt"],
     "inverse": ["loss.dim_weights=inverse"],
     "learned": ["loss.dim_weights=learned"],

@@ -9,8 +9,8 @@ the machine's speed hits both alike).
 
 Parts: collate (tokenise per step vs pad pre-tokenised ids), forward + backward of the encoder (one forward vs
 length groups), the recipe's loss (plain vs Matryoshka, forward + backward), the optimiser step
-(AdamW foreach vs fused); with --pad, one forward padded to a multiple of that many tokens (train.pad_to_multiple_of),
-eager and, with --compile, compiled (train.compile; each new shape compiles in an untimed call first).
+(AdamW foreach vs fused); with --pad, one forward padded to a multiple of that many tokens (speed.pad_to_multiple_of),
+eager and, with --compile, compiled (speed.compile; each new shape compiles in an untimed call first).
 Milliseconds per step, median over shuffled batches, as training draws them.
 """
 
@@ -30,11 +30,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mrl.config import COMPILE_MODES  # noqa: E402
-from mrl.data import Collator, embed_by_length, load_table, pad_columns, padded_length, text_columns  # noqa: E402
+from mrl.data import Collator, load_table, pad_columns, padded_length, text_columns  # noqa: E402
 from mrl.encoder import Encoder  # noqa: E402
-from mrl.losses import losses_for  # noqa: E402
 from mrl.matryoshka import MatryoshkaLoss  # noqa: E402
+from mrl.nested import losses_for  # noqa: E402
 from mrl.sources import load_mirror, resolve_model  # noqa: E402
+from mrl.speed import embed_by_length  # noqa: E402
 
 
 def timed(fn, device: str) -> float:

@@ -8,13 +8,13 @@ in-batch-negatives contrastive loss, MultipleNegativesRankingLoss in sentence-tr
 Reported: samples/s and tokens/s of the training loop (tokens = samples × the mean number of tokens of a
 training sample after truncation), model TFLOP/s and MFU (with --peak-tflops; train_flops_per_token), peak
 memory, the ratio mrl / reference, and STS-B test Spearman ×100 at every dim of both trained models, scored
-by the same evaluator (mrl.evaluation).
+by the same evaluator (mrl.sts).
 
     python benchmarks/train_throughput.py --quick                        # CPU: 40 steps each
     python benchmarks/train_throughput.py --epochs 4 --bf16              # the full STS recipe on a GPU
     python benchmarks/train_throughput.py --recipe nli --bf16            # the NLI recipe, 1 epoch, on a GPU
     python benchmarks/train_throughput.py --epochs 4 --bf16 --skip-reference \\
-        --set train.compile=reduce-overhead --set train.pad_to_multiple_of=32   # mrl with CUDA graphs
+        --set speed.compile=reduce-overhead --set speed.pad_to_multiple_of=32   # mrl with CUDA graphs
 Model and data are the configs' hub ids, or local copies through configs/mirror.yaml (or MRL_MIRROR).
 """
 
@@ -35,8 +35,9 @@ sys.path.insert(0, ROOT)
 from mrl.config import load_config  # noqa: E402
 from mrl.data import load_table  # noqa: E402
 from mrl.encoder import Encoder  # noqa: E402
-from mrl.evaluation import evaluate_sts, markdown_table  # noqa: E402
+from mrl.report import markdown_table  # noqa: E402
 from mrl.sources import load_mirror, resolve_model  # noqa: E402
+from mrl.sts import evaluate_sts  # noqa: E402
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,7 +82,7 @@ def run_mrl(args, out_dir: str) -> dict:
         f"train.mixed_precision={'bf16' if args.bf16 else 'no'}", f"loss.matryoshka={not args.plain}"]
     if args.steps:
         overrides.append(f"train.max_steps={args.steps}")
-    overrides += args.set  # mrl's own options, e.g. train.compile=reduce-overhead train.pad_to_multiple_of=16
+    overrides += args.set  # mrl's own options, e.g. speed.compile=reduce-overhead speed.pad_to_multiple_of=16
     cmd = [sys.executable, "train.py", "--config", config, *[a for o in overrides for a in ("--set", o)]]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -131,8 +132,9 @@ def loss_overhead_ms(loss_name: str, n_columns: int, batch_size: int, width: int
                      repeats: int = 200) -> dict:
     """Milliseconds per step of the loss alone (forward + backward on random (B, width) embeddings of each text
     column): the plain loss at full width vs the Matryoshka loss over `dims` (nested, as train.py computes it)."""
-    from mrl.losses import LOSSES, NESTED_LOSSES
+    from mrl.losses import LOSSES
     from mrl.matryoshka import MatryoshkaLoss
+    from mrl.nested import NESTED_LOSSES
 
     generator = torch.Generator().manual_seed(0)
     embeddings = [torch.randn(batch_size, width, generator=generator).to(device).requires_grad_()
@@ -168,7 +170,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a train.py override for the mrl run only, e.g. train.compile=reduce-overhead")
+                        help="a train.py override for the mrl run only, e.g. speed.compile=reduce-overhead")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense peak in TFLOP/s at the run's precision, for MFU (e.g. 989 for H100/H200 "
                              "SXM bf16); no MFU without it")
@@ -221,7 +223,7 @@ def main():
         mfu = f"{100 * tflops / args.peak_tflops:.1f}%" if args.peak_tflops else "–"
         print(f"| {name} | {rate:.1f} | {rate * tokens_per_sample:.0f} | {tflops:.3f} | {mfu} | {peak} | {ratio} |")
     new_shapes = runs["mrl"]["new_shape_steps"]
-    print(f"\nmrl: the {new_shapes['count']} steps that met a new batch shape (compiling, with train.compile) took "
+    print(f"\nmrl: the {new_shapes['count']} steps that met a new batch shape (compiling, with speed.compile) took "
           f"{new_shapes['seconds']} s, included above; the other steps ran at {runs['mrl']['other_steps_rate'] or '–'} "
           "samples/s")
     step_ms = 1000 * runs["mrl"]["seconds"] / runs["mrl"]["steps"]

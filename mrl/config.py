@@ -1,19 +1,24 @@
-"""One config tree: dataclass defaults <- a YAML file of changes <- `--set a.b=value` overrides.
+"""One config tree: dataclass defaults <- a YAML recipe of changes <- `--set a.b=value` overrides.
 
-Unknown keys and values of the wrong type fail at load time with the field's dotted name, before any
+A recipe holds only what differs from the defaults, or from the recipe it names as `base: other.yaml`.
+Related fields sit in groups (loss.dim_sampling, loss.distill, loss.two_d, speed). Unknown keys and values of the wrong type fail at load time with the field's dotted name, before any
 model or data is touched. Dataset specs are dicts of `datasets.load_dataset` keyword arguments plus three
 keys of ours (see `mrl.data.load_table`).
 """
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 
 import yaml
 
+from . import losses
 from .losses import LOSSES
 from .matryoshka import check_dims
+from .two_d import check_layers_per_step
+from .variants import DIM_WEIGHT_RULES
 
 STSB = "sentence-transformers/stsb"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
@@ -36,31 +41,44 @@ class DataConfig:
 
 
 @dataclass
+class DimSamplingConfig:  # loss.dim_sampling: train a few of the dims per step (mrl.variants.DimSampler)
+    dims_per_step: int | None = None  # None: every dim, every step (plain MRL)
+    schedule: str = "random"  # random | cyclic (each dim in turn, equally often)
+    always_full: bool = False  # the largest dim is always one of them
+
+
+@dataclass
+class DistillConfig:  # loss.distill: prefix self-distillation (mrl.variants.PrefixDistillation)
+    weight: float = 0.0  # 0: off; else w in L + w·Σ_d KL(P_full ‖ P_d)
+    temperature: float = 0.05
+
+
+@dataclass
+class TwoDConfig:  # loss.two_d: 2D Matryoshka (mrl.two_d.Matryoshka2dLoss): also train earlier layers' embeddings
+    enabled: bool = False
+    layers_per_step: int = 1  # earlier layers trained per step, drawn at random
+    layer_weight: float = 1.0  # weight of an earlier layer's Matryoshka loss
+    kl_weight: float = 1.0  # weight of the KL toward the last layer's similarity distribution
+    kl_temperature: float = 0.3
+
+
+@dataclass
 class LossConfig:
     name: str = "cosent"  # one of mrl.losses.LOSSES: cosent | contrastive
     scale: float = 20.0  # inverse temperature on cosines
     symmetric: bool = False  # contrastive only: also score positives -> anchors
     matryoshka: bool = True  # False: the base loss at full width only (the baseline)
     dims: list[int] = field(default_factory=lambda: [384, 256, 128, 64, 32, 16, 8])
-    # one weight per dim, or a rule: uniform | proportional | inverse_sqrt | inverse (mrl.matryoshka.DIM_WEIGHT_RULES) |
-    # learned (uncertainty weighting, trained at dim_weight_lr); None: all 1
+    # one weight per dim, or a rule: uniform | proportional | inverse_sqrt | inverse (mrl.variants.DIM_WEIGHT_RULES)
+    # | learned (uncertainty weighting, trained at dim_weight_lr); None: all 1
     dim_weights: list[float] | str | None = None
     dim_weight_lr: float = 1e-2  # peak learning rate of the learned dim weights (own group, same schedule)
-    n_dims_per_step: int | None = None  # train this many of the dims each step; None: all
-    dim_schedule: str = "random"  # with n_dims_per_step: random | cyclic (each dim in turn, equally often)
-    always_full_dim: bool = False  # with n_dims_per_step: the largest dim is always one of them
-    # prefix self-distillation: KL from the full embedding's in-batch similarity distribution to each prefix's
-    distill_weight: float = 0.0  # 0: off
-    distill_temperature: float = 0.05
     # contrastive: score each anchor against the candidates of every process (mrl/dist.py);
     # None: on whenever a contrastive run has several processes
     cross_device: bool | None = None
-    # 2D Matryoshka (mrl.matryoshka.Matryoshka2dLoss): also train the embeddings of earlier layers
-    two_d: bool = False
-    n_layers_per_step: int = 1  # earlier layers trained per step, drawn at random
-    layer_weight: float = 1.0  # weight of an earlier layer's Matryoshka loss
-    kl_weight: float = 1.0  # weight of the KL toward the last layer's similarity distribution
-    kl_temperature: float = 0.3
+    dim_sampling: DimSamplingConfig = field(default_factory=DimSamplingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    two_d: TwoDConfig = field(default_factory=TwoDConfig)
 
 
 @dataclass
@@ -79,10 +97,13 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N optimiser steps (0: only at the end)
     # GradCache (mrl/gradcache.py): embed the batch in chunks of this many texts, exactly; memory of one chunk
     cache_chunk_size: int | None = None
-    # embed each batch as this many forwards over texts of similar length (less padding, the same embeddings;
-    # mrl.data.embed_by_length); None: 1 on a GPU (launch-bound at small batches), on a CPU (compute-bound)
-    # groups of about 32 texts, at least 2 (2 for 16 STS pairs, 12 for 128 NLI triplets).
-    # GradCache (cache_chunk_size) embeds in its own chunks instead, each trimmed to its longest text
+
+
+@dataclass
+class SpeedConfig:  # how a batch is computed, never what: each option gives the same embeddings (mrl/speed.py)
+    # embed each batch as this many forwards over texts of similar length (less padding);
+    # None: 1 on a GPU (launch-bound at small batches), on a CPU (compute-bound) groups of about 32 texts, at
+    # least 2 (2 for 16 STS pairs, 12 for 128 NLI triplets). GradCache embeds in its own chunks instead
     length_groups: int | None = None
     # pad every batch (and length group) up to a multiple of this many tokens, at most max_seq_length: a few
     # shapes instead of one per length, as torch.compile / CUDA graphs need; None: to its longest text
@@ -118,6 +139,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     output_dir: str = "runs/default"
     mirror: str | None = "configs/mirror.yaml"  # local copies of hub ids (see mrl.sources); None: hub only
 
@@ -193,41 +215,91 @@ def parse_override(text: str) -> dict:
     return value
 
 
+def read_recipe(path: str, _seen: tuple = ()) -> list[dict]:
+    """The changes of a YAML recipe, after those of the recipe it names as `base` (relative to its folder)."""
+    if path in _seen:
+        raise ValueError(f"{path}: `base` recipes form a cycle: {' -> '.join(_seen + (path,))}")
+    with open(path, encoding="utf-8") as f:
+        changes = yaml.safe_load(f) or {}
+    base = changes.pop("base", None)
+    if base is None:
+        return [changes]
+    return read_recipe(os.path.join(os.path.dirname(path), base), _seen + (path,)) + [changes]
+
+
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file at `path`, then each `KEY=VALUE` override; validated."""
+    """Defaults, then the YAML recipe at `path` (after its bases), then each `KEY=VALUE` override; validated."""
     cfg = Config()
-    if path is not None:
-        with open(path, encoding="utf-8") as f:
-            _merge(cfg, yaml.safe_load(f) or {})
+    for changes in read_recipe(path) if path is not None else []:
+        _merge(cfg, changes)
     for override in overrides:
         _merge(cfg, parse_override(override))
     validate(cfg)
     return cfg
 
 
+def flat_dict(cfg: Config) -> dict:
+    """{'loss.dim_sampling.schedule': 'random', ...}: every field as one level of scalars (lists, dataset specs
+    and None as text), as experiment trackers take hyperparameters."""
+    def flatten(obj, prefix: str):
+        for f in dataclasses.fields(obj):
+            value, name = getattr(obj, f.name), prefix + _key(f)
+            if dataclasses.is_dataclass(value):
+                yield from flatten(value, name + ".")
+            else:
+                yield name, str(value) if isinstance(value, (list, dict, type(None))) else value
+    return dict(flatten(cfg, ""))
+
+
 def validate(cfg: Config) -> None:
-    """Checks that need no model or data; the dims-vs-model-width check happens once the model is loaded."""
-    loss, train = cfg.loss, cfg.train
+    """Every check that needs no model or data, naming the field; check_against_model and check_columns run
+    once the model and the training table are loaded. Every check of the config is in this module."""
+    loss, train, speed = cfg.loss, cfg.train, cfg.speed
     if isinstance(cfg.log.with_, str):
         cfg.log.with_ = [cfg.log.with_]
     if loss.name not in LOSSES:
         raise ValueError(f"loss.name: expected one of {sorted(LOSSES)}, got {loss.name!r}")
-    check_dims(loss.dims, loss.dim_weights, loss.n_dims_per_step, field="loss.dims", always_full=loss.always_full_dim,
-               schedule=loss.dim_schedule, distill_weight=loss.distill_weight,
-               distill_temperature=loss.distill_temperature)
-    if loss.n_dims_per_step is None:
-        for name, value, default in (("dim_schedule", loss.dim_schedule, "random"),
-                                     ("always_full_dim", loss.always_full_dim, False)):
-            if value != default:
-                raise ValueError(f"loss.{name}: only has an effect with loss.n_dims_per_step set (got {value!r})")
+    check_dims(loss.dims, "loss.dims")
+    if isinstance(loss.dim_weights, str):
+        if loss.dim_weights not in DIM_WEIGHT_RULES and loss.dim_weights != "learned":
+            raise ValueError(f"loss.dim_weights: expected a list of numbers or one of "
+                             f"{sorted(DIM_WEIGHT_RULES) + ['learned']}, got {loss.dim_weights!r}")
+    elif loss.dim_weights is not None:
+        if len(loss.dim_weights) != len(loss.dims):
+            raise ValueError(f"loss.dim_weights: got {len(loss.dim_weights)} weights for {len(loss.dims)} dims "
+                             f"{loss.dims}")
+        if any(w < 0 for w in loss.dim_weights):
+            raise ValueError(f"loss.dim_weights: every weight must be a number >= 0, got {loss.dim_weights}")
     if loss.dim_weight_lr <= 0:
         raise ValueError(f"loss.dim_weight_lr: must be > 0, got {loss.dim_weight_lr}")
+    sampling = loss.dim_sampling
+    if sampling.dims_per_step is None:
+        for name, value, default in (("schedule", sampling.schedule, "random"),
+                                     ("always_full", sampling.always_full, False)):
+            if value != default:
+                raise ValueError(f"loss.dim_sampling.{name}: only has an effect with "
+                                 f"loss.dim_sampling.dims_per_step set (got {value!r})")
+    elif not 1 <= sampling.dims_per_step <= len(loss.dims):
+        raise ValueError(f"loss.dim_sampling.dims_per_step: must be between 1 and len(loss.dims)={len(loss.dims)}, "
+                         f"got {sampling.dims_per_step}")
+    if sampling.always_full and sampling.dims_per_step == 1:
+        raise ValueError("loss.dim_sampling.always_full: with loss.dim_sampling.dims_per_step=1 only the largest dim "
+                         "would train (no Matryoshka); set loss.dim_sampling.dims_per_step >= 2")
+    if sampling.schedule not in ("random", "cyclic"):
+        raise ValueError(f"loss.dim_sampling.schedule: expected random | cyclic, got {sampling.schedule!r}")
+    if loss.distill.weight < 0 or loss.distill.temperature <= 0:
+        raise ValueError(f"loss.distill.weight must be >= 0 and loss.distill.temperature > 0, "
+                         f"got {loss.distill.weight} and {loss.distill.temperature}")
     if not loss.matryoshka:
-        for name, default in (("dim_weights", None), ("n_dims_per_step", None), ("distill_weight", 0.0)):
-            if getattr(loss, name) != default:
+        for name, value, default in (("dim_weights", loss.dim_weights, None),
+                                     ("dim_sampling.dims_per_step", sampling.dims_per_step, None),
+                                     ("distill.weight", loss.distill.weight, 0.0)):
+            if value != default:
                 raise ValueError(f"loss.{name}: is an option of the Matryoshka loss, but loss.matryoshka is false")
+    if loss.two_d.enabled and loss.two_d.layers_per_step < 1:
+        raise ValueError(f"loss.two_d.layers_per_step: must be >= 1, got {loss.two_d.layers_per_step}")
     if cfg.eval.dims is not None:
-        check_dims(cfg.eval.dims, field="eval.dims")
+        check_dims(cfg.eval.dims, "eval.dims")
     for name in ("batch_size", "epochs", "grad_accum"):
         if getattr(train, name) < 1:
             raise ValueError(f"train.{name}: must be >= 1, got {getattr(train, name)}")
@@ -236,23 +308,6 @@ def validate(cfg: Config) -> None:
     if loss.cross_device and loss.name != "contrastive":
         raise ValueError(f"loss.cross_device: only the contrastive loss has in-batch negatives to share across "
                          f"processes; loss.name is {loss.name!r}")
-    if train.length_groups is not None and train.length_groups < 1:
-        raise ValueError(f"train.length_groups: must be >= 1 or null, got {train.length_groups}")
-    if train.pad_to_multiple_of is not None and train.pad_to_multiple_of < 1:
-        raise ValueError(f"train.pad_to_multiple_of: must be >= 1 or null, got {train.pad_to_multiple_of}")
-    if train.compile is not None:
-        if train.compile not in COMPILE_MODES:
-            raise ValueError(f"train.compile: expected one of {' | '.join(COMPILE_MODES)} or null, "
-                             f"got {train.compile!r}")
-        if train.pad_to_multiple_of is None:
-            raise ValueError("train.compile: needs train.pad_to_multiple_of (e.g. 16), so that batches come in a few "
-                             "shapes; with a shape per text length every step would compile anew")
-        if train.compile == "reduce-overhead" and train.grad_accum > 1:
-            raise ValueError("train.compile: reduce-overhead (CUDA graphs) not with train.grad_accum > 1: a graph's "
-                             "replay would overwrite the gradients accumulated from its earlier outputs")
-        if train.cache_chunk_size is not None:
-            raise ValueError("train.compile: not with train.cache_chunk_size (GradCache replays dropout masks from "
-                             "the RNG state, which compiled code draws from differently)")
     if train.cache_chunk_size is not None and train.cache_chunk_size < 1:
         raise ValueError(f"train.cache_chunk_size: must be >= 1 or null, got {train.cache_chunk_size}")
     if not 0 <= train.warmup_ratio < 1:
@@ -263,6 +318,43 @@ def validate(cfg: Config) -> None:
         train.mixed_precision = "no"
     if train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"train.mixed_precision: expected no | bf16 | fp16, got {train.mixed_precision!r}")
+    if speed.length_groups is not None and speed.length_groups < 1:
+        raise ValueError(f"speed.length_groups: must be >= 1 or null, got {speed.length_groups}")
+    if speed.pad_to_multiple_of is not None and speed.pad_to_multiple_of < 1:
+        raise ValueError(f"speed.pad_to_multiple_of: must be >= 1 or null, got {speed.pad_to_multiple_of}")
+    if speed.compile is not None:
+        if speed.compile not in COMPILE_MODES:
+            raise ValueError(f"speed.compile: expected one of {' | '.join(COMPILE_MODES)} or null, "
+                             f"got {speed.compile!r}")
+        if speed.pad_to_multiple_of is None:
+            raise ValueError("speed.compile: needs speed.pad_to_multiple_of (e.g. 16), so that batches come in a few "
+                             "shapes; with a shape per text length every step would compile anew")
+        if speed.compile == "reduce-overhead" and train.grad_accum > 1:
+            raise ValueError("speed.compile: reduce-overhead (CUDA graphs) not with train.grad_accum > 1: a graph's "
+                             "replay would overwrite the gradients accumulated from its earlier outputs")
+        if train.cache_chunk_size is not None:
+            raise ValueError("speed.compile: not with train.cache_chunk_size (GradCache replays dropout masks from "
+                             "the RNG state, which compiled code draws from differently)")
     for name, spec in (("data.train", cfg.data.train), ("eval.dev", cfg.eval.dev), ("eval.test", cfg.eval.test)):
         if spec is not None and "path" not in spec:
             raise ValueError(f"{name}: a dataset spec needs `path` (a hub id, or csv/json/parquet with data_files)")
+
+
+def check_against_model(cfg: Config, embedding_dim: int, num_layers: int) -> None:
+    """The checks that need the loaded model: dims within its width, layers within its depth."""
+    check_dims(cfg.loss.dims, "loss.dims", embedding_dim)
+    if cfg.eval.dims is not None:
+        check_dims(cfg.eval.dims, "eval.dims", embedding_dim)
+    for n_layers in cfg.eval.layers or []:
+        if not 1 <= n_layers <= num_layers:
+            raise ValueError(f"eval.layers: {n_layers} is not in 1..{num_layers} (the model's layers)")
+    if cfg.loss.two_d.enabled:
+        check_layers_per_step(cfg.loss.two_d.layers_per_step, num_layers)
+
+
+def check_columns(cfg: Config, columns: list[str]) -> None:
+    """The check that needs the training table: its text columns suit the loss."""
+    try:
+        losses.check_columns(cfg.loss.name, len(columns))
+    except ValueError as error:
+        raise ValueError(f"data.train.columns: {error}; the table has {columns}") from None

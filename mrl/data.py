@@ -1,5 +1,4 @@
-"""Training and evaluation tables through `datasets`, batches without duplicate texts, dynamic padding,
-forwards over texts of similar length.
+"""Training and evaluation tables through `datasets`, batches without duplicate texts, dynamic padding.
 
 A dataset spec is the keyword arguments of `datasets.load_dataset` (path, name, data_files, split, ...)
 plus three keys of ours:
@@ -210,24 +209,3 @@ def chunk_features(features: dict[str, Tensor], rows: slice | Tensor,
     if pad_to_multiple_of:
         length = padded_length(length, pad_to_multiple_of, mask.shape[1])
     return {k: v[:, :length] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v for k, v in chunk.items()}
-
-
-def embed_by_length(embed, features: dict[str, Tensor], groups: int, pad_to_multiple_of: int | None = None) -> Tensor:
-    """embed(features), computed as `groups` forwards over texts of similar length, each padded only to the
-    longest text of its group; rows come back in input order.
-
-    Padding is masked, so these are the embeddings of one forward (to float rounding; dropout draws other
-    masks); the batch, and so which texts are each other's negatives, is unchanged. What changes is the padded
-    compute: a batch of 16 STS-B pairs is padded to its longest text, 2.4× its real tokens; sorted into 2
-    groups it needs a third fewer padded tokens, into 4 groups nearly half fewer. A batch of 128 NLI triplets
-    is padded to 4.8× its real tokens, in 12 groups to 1.3×. That pays where compute is the cost (CPU); on a
-    GPU at small batches each extra forward costs launches instead. pad_to_multiple_of:
-    each group keeps padding up to a multiple of this many tokens (a few shapes, for torch.compile).
-    """
-    if groups <= 1:
-        return embed(features)
-    lengths = features["attention_mask"].sum(1)
-    order = lengths.argsort(descending=True, stable=True)
-    pieces = [embed(chunk_features(features, rows, pad_to_multiple_of))
-              for rows in order.tensor_split(groups) if len(rows)]
-    return torch.cat(pieces)[order.argsort()]

@@ -1,24 +1,19 @@
 """Encoder: a Hugging Face backbone + mask-aware mean pooling (+ optional Dense head, + optional L2 norm).
 
 Models are saved in the sentence-transformers folder layout (the HF backbone at the root, plus modules.json,
-1_Pooling/, 2_Dense/, ...), so that sentence-transformers, MTEB and embedding servers read what we write;
-`Encoder.from_pretrained` reads that layout or a plain HF model folder, from a local path or a hub id.
+1_Pooling/, 2_Dense/, ...; mrl.st_format), so that sentence-transformers, MTEB and embedding servers read what
+we write; `Encoder.from_pretrained` reads that layout or a plain HF model folder, from a local path or a hub id.
 """
 
-import json
 import os
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-ACTIVATIONS = {"tanh": nn.Tanh, "identity": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU}
-ST_ACTIVATION_NAMES = {"tanh": "torch.nn.modules.activation.Tanh", "identity": "torch.nn.modules.linear.Identity",
-                       "relu": "torch.nn.modules.activation.ReLU", "gelu": "torch.nn.modules.activation.GELU"}
-ST_MODULE_KINDS = ("Transformer", "Pooling", "Dense", "Normalize")
+from .st_format import ACTIVATIONS, read_layout, write_layout
 
 
 def mean_pool(token_embeddings: Tensor, attention_mask: Tensor) -> Tensor:
@@ -119,7 +114,7 @@ class Encoder(nn.Module):
         embeddings = embeddings[:, :truncate_dim]
         return F.normalize(embeddings, dim=-1) if normalize else embeddings
 
-    # --- the sentence-transformers folder layout -------------------------------------------------------------
+    # --- the sentence-transformers folder layout (mrl.st_format) ---------------------------------------------
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, max_seq_length: int | None = None, normalize: bool | None = None,
@@ -132,32 +127,19 @@ class Encoder(nn.Module):
         to a model that has none (the reduced-dim recipe). Only mean pooling, Dense and Normalize modules can
         run here: any other module in modules.json is an error that names it.
         """
-        modules = _read_json(name_or_path, "modules.json")
-        st = _read_json(name_or_path, "sentence_bert_config.json") or {}
-        dense, activation, has_normalize, subfolder = None, dense_activation, False, ""
-        for module in modules or []:
-            kind = _module_kind(module, name_or_path)
-            if kind == "Transformer":
-                subfolder = module.get("path", "")  # "" (backbone at the root) or "0_Transformer"
-            elif kind == "Pooling":
-                _check_mean_pooling(_read_json(name_or_path, f"{module['path']}/config.json") or {}, name_or_path)
-            elif kind == "Dense":
-                dense, activation = _load_dense(name_or_path, module["path"])
-            elif kind == "Normalize":
-                has_normalize = True
-        if subfolder and not st:
-            st = _read_json(name_or_path, f"{subfolder}/sentence_bert_config.json") or {}
-        backbone = AutoModel.from_pretrained(name_or_path, subfolder=subfolder, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder=subfolder)
+        layout = read_layout(name_or_path)
+        backbone = AutoModel.from_pretrained(name_or_path, subfolder=layout.subfolder, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder=layout.subfolder)
+        dense, activation = layout.dense, layout.dense_activation or dense_activation
         if dense_dim is not None:
             if dense is not None:
                 raise ValueError(f"model.dense_dim: {name_or_path} already has a Dense head "
                                  f"({dense.in_features}->{dense.out_features})")
             dense = nn.Linear(backbone.config.hidden_size, dense_dim)
         if max_seq_length is None:
-            max_seq_length = st.get("max_seq_length") or min(512, getattr(tokenizer, "model_max_length", 512))
+            max_seq_length = layout.max_seq_length or min(512, getattr(tokenizer, "model_max_length", 512))
         if normalize is None:
-            normalize = has_normalize if modules else True
+            normalize = layout.normalize
         encoder = cls(backbone, tokenizer, max_seq_length, normalize, dense, activation)
         return encoder.to(dtype).eval()  # like transformers: loaded models start in eval mode
 
@@ -166,96 +148,7 @@ class Encoder(nn.Module):
         os.makedirs(path, exist_ok=True)
         self.backbone.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-        hidden = self.backbone.config.hidden_size
-        _write_json(os.path.join(path, "1_Pooling", "config.json"), {
-            "word_embedding_dimension": hidden, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
-            "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
-            "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False, "include_prompt": True})
-        if self.dense is not None:
-            modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
-            _write_json(os.path.join(path, "2_Dense", "config.json"), {
-                "in_features": self.dense.in_features, "out_features": self.dense.out_features,
-                "bias": self.dense.bias is not None,
-                "activation_function": ST_ACTIVATION_NAMES[self.dense_activation]})
-            weights = {f"linear.{k}": v.detach().float().contiguous().cpu() for k, v in self.dense.state_dict().items()}
-            save_file(weights, os.path.join(path, "2_Dense", "model.safetensors"), metadata={"format": "pt"})
-        if self.normalize:
-            idx = len(modules)
-            modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Normalize",
-                            "type": "sentence_transformers.models.Normalize"})
-        _write_json(os.path.join(path, "modules.json"), modules)
-        _write_json(os.path.join(path, "sentence_bert_config.json"),
-                    {"max_seq_length": self.max_seq_length, "do_lower_case": False})
-        _write_json(os.path.join(path, "config_sentence_transformers.json"), {
-            "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine",
-            "matryoshka_dims": sorted(matryoshka_dims, reverse=True) if matryoshka_dims else None})
+        write_layout(path, self.backbone.config.hidden_size, self.max_seq_length, self.normalize, self.dense,
+                     self.dense_activation, matryoshka_dims)
 
     load = from_pretrained  # Encoder.load(dir) reads what Encoder.save(dir) wrote
-
-
-def _module_kind(module: dict, name_or_path: str) -> str:
-    kind = module.get("type", "").rsplit(".", 1)[-1]
-    if not module.get("type", "").startswith("sentence_transformers.") or kind not in ST_MODULE_KINDS:
-        raise ValueError(f"{name_or_path}/modules.json: module {module.get('type')!r} (path {module.get('path')!r}) "
-                         f"cannot run in mrl, which supports {', '.join(ST_MODULE_KINDS)}")
-    if kind == "Transformer" and module.get("path") not in ("", "0_Transformer"):
-        raise ValueError(f"{name_or_path}/modules.json: the Transformer must sit at the folder's root, "
-                         f"got path {module.get('path')!r}")
-    return kind
-
-
-def _check_mean_pooling(config: dict, name_or_path: str) -> None:
-    modes = [k for k, v in config.items() if k.startswith("pooling_mode_") and v]
-    if "pooling_mode" in config:  # sentence-transformers >= 6 writes {"pooling_mode": "mean"}
-        modes = ["pooling_mode_mean_tokens" if config["pooling_mode"] == "mean" else f"pooling_mode={config['pooling_mode']}"]
-    if modes != ["pooling_mode_mean_tokens"]:
-        raise ValueError(f"{name_or_path}: its Pooling module asks for {modes or 'no pooling'}; mrl implements "
-                         "mean pooling (pooling_mode_mean_tokens) only")
-
-
-def _load_dense(name_or_path: str, subdir: str) -> tuple[nn.Linear, str]:
-    config = _read_json(name_or_path, f"{subdir}/config.json")
-    names = {v: k for k, v in ST_ACTIVATION_NAMES.items()}
-    activation_name = config.get("activation_function", ST_ACTIVATION_NAMES["tanh"])
-    if activation_name not in names:
-        raise ValueError(f"{name_or_path}/{subdir}: activation {activation_name!r} is not one of {sorted(names)}")
-    dense = nn.Linear(config["in_features"], config["out_features"], bias=config.get("bias", True))
-    weights_file = _fetch(name_or_path, f"{subdir}/model.safetensors")
-    if weights_file is not None:
-        state = load_file(weights_file)
-    else:
-        bin_file = _fetch(name_or_path, f"{subdir}/pytorch_model.bin")
-        if bin_file is None:
-            raise FileNotFoundError(f"{name_or_path}/{subdir}: no model.safetensors or pytorch_model.bin")
-        state = torch.load(bin_file, map_location="cpu", weights_only=True)
-    dense.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
-    return dense, names[activation_name]
-
-
-def _fetch(name_or_path: str, filename: str) -> str | None:
-    """Local path of `filename` inside a model folder or hub repo, or None if the model has no such file."""
-    if os.path.isdir(name_or_path):
-        path = os.path.join(name_or_path, filename)
-        return path if os.path.isfile(path) else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-    try:
-        return hf_hub_download(name_or_path, filename)
-    except EntryNotFoundError:
-        return None
-
-
-def _read_json(name_or_path: str, filename: str):
-    path = _fetch(name_or_path, filename)
-    if path is None:
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)

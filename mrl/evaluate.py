@@ -9,7 +9,7 @@
 Writes to --out: results.json, results.md and PNG plots (matplotlib, `pip install -e .[plots]`): the score per
 dim of each model, and each model's score relative to its own best dim. STS data is a dataset spec (hub id or
 local files, through the mirror file as in train.py); retrieval data is a BEIR folder or NLI triplets
-(mrl.retrieval.nli_retrieval_set).
+(mrl.retrieval.data.nli_retrieval_set).
 """
 
 import argparse
@@ -20,10 +20,12 @@ import torch
 import yaml
 
 from .data import load_table
-from .evaluation import evaluate_sts, markdown_table
-from .retrieval import (METRICS, evaluate_retrieval, load_beir, nli_retrieval_set, quantized_search, rankings_from,
-                        retrieval_metrics, storage_bytes)
+from .report import markdown_table
+from .retrieval.data import load_beir, nli_retrieval_set
+from .retrieval.metrics import METRICS, evaluate_retrieval, rankings_from, retrieval_metrics
+from .retrieval.quantize import quantized_search, storage_bytes
 from .sources import load_mirror, resolve_model
+from .sts import evaluate_sts
 
 DEFAULT_STS = "{path: sentence-transformers/stsb, split: test}"
 

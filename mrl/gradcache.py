@@ -8,7 +8,8 @@ the embeddings: ∂L/∂θ = Σ_i (∂L/∂e_i) · (∂e_i/∂θ). So one optimi
   3. re-embed each chunk WITH a graph, RNG restored so dropout draws the same masks, and back-propagate G's
      rows of that chunk: e_chunk.backward(G_chunk). Parameter gradients accumulate to exactly ∂L/∂θ.
 Peak activation memory is that of one chunk, whatever the batch size; the price is a second forward.
-Because phase 2 runs the full loss once, n_dims_per_step draws one subset of dims for the whole batch.
+Because phase 2 runs the full loss once, dim sampling (loss.dim_sampling) draws one subset of dims for the whole
+batch.
 """
 
 from contextlib import contextmanager, nullcontext

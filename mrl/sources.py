@@ -64,6 +64,22 @@ def resolve_dataset(spec: dict, mirror: dict) -> dict:
     return {**local, **kept}
 
 
+def load_encoder(model_config, mirror: dict):
+    """The config's model (mrl.config.ModelConfig) as an Encoder, from its local copy or the hub; a hub id that
+    neither provides is an error naming the id, the mirror and the fix."""
+    from .encoder import Encoder
+
+    path = resolve_model(model_config.name, mirror)
+    try:
+        return Encoder.from_pretrained(path, max_seq_length=model_config.max_seq_length,
+                                       normalize=model_config.normalize, dense_dim=model_config.dense_dim,
+                                       dense_activation=model_config.dense_activation)
+    except OSError as error:  # what transformers raises for a hub id it cannot reach
+        if os.path.isdir(path):  # a local folder that is broken: transformers' own error says how
+            raise
+        raise unreachable("model", model_config.name, mirror, error) from error
+
+
 def unreachable(kind: str, name: str, mirror: dict, error: Exception) -> RuntimeError:
     """The error for a hub id that neither a local copy nor the hub could provide."""
     entry = mirror.get("models" if kind == "model" else "datasets", {}).get(name)

@@ -13,8 +13,9 @@ from torch.nn.parallel import DistributedDataParallel
 from mrl import Encoder
 from mrl.dist import gather_columns, gather_with_grad
 from mrl.gradcache import cached_backward
-from mrl.losses import contrastive_loss, contrastive_losses_nested
+from mrl.losses import contrastive_loss
 from mrl.matryoshka import MatryoshkaLoss
+from mrl.nested import contrastive_losses_nested
 from test_gradcache import ANCHORS, NEGATIVES, POSITIVES
 
 WORLD = 2

@@ -8,8 +8,10 @@ import torch
 
 from mrl import Encoder
 from mrl.gradcache import cached_backward, chunk_features
-from mrl.losses import contrastive_loss, contrastive_losses_nested
+from mrl.losses import contrastive_loss
 from mrl.matryoshka import MatryoshkaLoss
+from mrl.nested import contrastive_losses_nested
+from mrl.variants import DimSampler
 
 ANCHORS = ["a man plays a guitar on the stage tonight", "a dog", "two women are talking in a busy cafe", "rain",
            "the child kicks a red ball across the park", "an old car", "snow falls on the quiet mountain village",
@@ -30,9 +32,12 @@ def batch(model):
     return dict(model.tokenize(ANCHORS + POSITIVES + NEGATIVES))  # column-major, padded to the longest text
 
 
-def matryoshka(n_dims_per_step=None, nested=True):
-    return MatryoshkaLoss(partial(contrastive_loss, scale=20.0), [32, 16, 8, 4], [1.0, 0.5, 1.0, 2.0], n_dims_per_step,
+def matryoshka(dims_per_step=None, nested=True):
+    """embeddings -> (loss, per_dim): the Matryoshka loss at every dim, or at dims_per_step dims drawn per call."""
+    loss = MatryoshkaLoss(partial(contrastive_loss, scale=20.0), [32, 16, 8, 4], [1.0, 0.5, 1.0, 2.0],
                           nested_loss=partial(contrastive_losses_nested, scale=20.0) if nested else None)
+    sampler = DimSampler(loss.dims, dims_per_step) if dims_per_step else None
+    return lambda embeddings: loss(embeddings, None, sampler() if sampler else None)
 
 
 def uncached_step(model, features, loss_fn):
@@ -64,14 +69,14 @@ def test_cached_step_equals_uncached_step(tiny_model_dir, chunk_size):
     assert_same_step(cached_step(model, features, matryoshka(), chunk_size), uncached_step(model, features, matryoshka()))
 
 
-def test_cached_step_with_n_dims_per_step(tiny_model_dir):
+def test_cached_step_with_dims_per_step(tiny_model_dir):
     """The reference implementation ignores n_dims_per_step with cached losses; here the same dims train."""
     model = encoder(tiny_model_dir, dropout=False)
     features = batch(model)
     random.seed(3)
-    cached = cached_step(model, features, matryoshka(n_dims_per_step=2), 4)
+    cached = cached_step(model, features, matryoshka(dims_per_step=2), 4)
     random.seed(3)
-    uncached = uncached_step(model, features, matryoshka(n_dims_per_step=2))
+    uncached = uncached_step(model, features, matryoshka(dims_per_step=2))
     assert len(cached[1]) == 2
     assert_same_step(cached, uncached)
 
@@ -109,7 +114,7 @@ def test_chunk_features_trims_padding_only(tiny_model_dir):
 @pytest.mark.parametrize("groups", [2, 3, 4, 24])
 def test_embedding_in_length_groups_equals_one_forward_in_value_and_gradient(tiny_model_dir, groups):
     """embed_by_length: fewer padded tokens, the same rows in the same order, the same parameter gradients."""
-    from mrl.data import embed_by_length
+    from mrl.speed import embed_by_length
 
     model = encoder(tiny_model_dir, dropout=False)
     features = batch(model)

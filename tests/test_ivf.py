@@ -4,9 +4,10 @@ of the probed lists; k-means; lists that partition the corpus; the funnel with a
 import pytest
 import torch
 
-from mrl.funnel import FunnelIndex
-from mrl.ivf import IVFIndex, nearest_centroid, spherical_kmeans
-from mrl.retrieval import int8_scales, prefix, quantize_int8, quantize_int8_queries, top_k
+from mrl.retrieval.exact import prefix, top_k
+from mrl.retrieval.funnel import FunnelIndex
+from mrl.retrieval.ivf import IVFIndex, nearest_centroid, spherical_kmeans
+from mrl.retrieval.quantize import int8_scales, quantize_int8, quantize_int8_queries
 
 
 def random_unit(n, d, seed):

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrl import MatryoshkaLoss, check_dims, contrastive_loss, cosent_loss, cosine_matrix
+from mrl.config import load_config
+from mrl.variants import DimSampler
 
 # --- independent reference formulas: explicit loops over scalars, float64 ------------------------------------
 
@@ -266,7 +268,7 @@ def test_matryoshka_dim_order_does_not_matter():
     a = MatryoshkaLoss(base, [32, 16, 8, 4], [4.0, 3.0, 2.0, 1.0])
     b = MatryoshkaLoss(base, [8, 32, 4, 16], [2.0, 4.0, 1.0, 3.0])
     assert a.dims == b.dims == [32, 16, 8, 4]
-    assert a.weights == b.weights == [4.0, 3.0, 2.0, 1.0]
+    assert a.current_weights() == b.current_weights() == {32: 4.0, 16: 3.0, 8: 2.0, 4: 1.0}
     (ta, pa), (tb, pb) = a(embeddings, labels), b(embeddings, labels)
     assert float(ta) == pytest.approx(float(tb), rel=1e-12)
     assert pa.keys() == pb.keys()
@@ -278,30 +280,32 @@ def test_matryoshka_weights_follow_their_dims_after_sorting():
     embeddings = random_columns(2, 2, 4, 16)
     base = RecordingLoss()
     loss = MatryoshkaLoss(base, [4, 16, 8], [10.0, 0.0, 1.0])
-    assert loss.dims == [16, 8, 4] and loss.weights == [0.0, 1.0, 10.0]
+    assert loss.dims == [16, 8, 4] and list(loss.current_weights().values()) == [0.0, 1.0, 10.0]
     total, per_dim = loss(embeddings)
     assert float(total) == pytest.approx(10.0 * float(per_dim[4]) + 1.0 * float(per_dim[8]), rel=1e-12)
     # the default weights are all 1
-    assert MatryoshkaLoss(base, [4, 16, 8]).weights == [1.0, 1.0, 1.0]
+    assert list(MatryoshkaLoss(base, [4, 16, 8]).current_weights().values()) == [1.0, 1.0, 1.0]
     total, per_dim = MatryoshkaLoss(RecordingLoss(), [4, 16, 8])(embeddings)
     assert float(total) == pytest.approx(sum(float(v) for v in per_dim.values()), rel=1e-12)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
-def test_matryoshka_n_dims_per_step_picks_k_distinct_dims(k):
+def test_dim_sampler_picks_k_distinct_dims_and_the_loss_trains_those(k):
     dims = [32, 16, 8, 4, 2]
     weights = [1.0, 2.0, 3.0, 4.0, 5.0]
     embeddings = random_columns(3, 2, 4, 32)
-    loss = MatryoshkaLoss(RecordingLoss(), dims, weights, n_dims_per_step=k)
+    loss, sampler = MatryoshkaLoss(RecordingLoss(), dims, weights), DimSampler(dims, k)
     weight_of = dict(zip(dims, weights))
     seen = set()
     for seed in range(20):
         random.seed(seed)
-        total, per_dim = loss(embeddings)
-        assert len(per_dim) == k and set(per_dim) <= set(dims)
+        chosen = sampler()
+        assert chosen == sorted(set(chosen), reverse=True) and len(chosen) == k
+        total, per_dim = loss(embeddings, None, chosen)
+        assert list(per_dim) == chosen and set(per_dim) <= set(dims)
         assert float(total) == pytest.approx(sum(weight_of[d] * float(v) for d, v in per_dim.items()), rel=1e-12)
         random.seed(seed)
-        total_again, per_dim_again = loss(embeddings)
+        total_again, per_dim_again = loss(embeddings, None, sampler())
         assert per_dim_again.keys() == per_dim.keys() and float(total_again) == float(total)
         seen.add(frozenset(per_dim))
     if k < len(dims):
@@ -321,27 +325,28 @@ def test_matryoshka_dim_larger_than_embedding_width_raises():
     with pytest.raises(ValueError, match="dims.*64"):
         loss(random_columns(0, 2, 3, 32))
     with pytest.raises(ValueError, match=r"loss\.dims.*64"):
-        check_dims([64, 8], embedding_dim=32, field="loss.dims")
-    check_dims([32, 8], embedding_dim=32, field="loss.dims")  # equal to the width is fine
+        check_dims([64, 8], "loss.dims", width=32)
+    check_dims([32, 8], "loss.dims", width=32)  # equal to the width is fine
 
 
-@pytest.mark.parametrize("dims,weights,k,field", [
-    ([16, 8, 16], None, None, "dims"),
-    ([16, 0], None, None, "dims"),
-    ([16, -8], None, None, "dims"),
-    ([16, 8.0], None, None, "dims"),
-    ([], None, None, "dims"),
-    ([16, 8], [1.0], None, "dim_weights"),
-    ([16, 8], [1.0, 1.0, 1.0], None, "dim_weights"),
-    ([16, 8], [1.0, -1.0], None, "dim_weights"),
-    ([16, 8], None, 0, "n_dims_per_step"),
-    ([16, 8], None, 3, "n_dims_per_step"),
+@pytest.mark.parametrize("dims,weights", [([16, 8, 16], None), ([16, 0], None), ([16, -8], None), ([16, 8.0], None),
+                                          ([], None), ([16, 8], [1.0]), ([16, 8], [1.0, 1.0, 1.0])])
+def test_matryoshka_loss_refuses_bad_dims_and_weights(dims, weights):
+    with pytest.raises(ValueError, match="dims|weights"):
+        MatryoshkaLoss(RecordingLoss(), dims, weights)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["loss.dims=[16,8,16]"], "loss.dims"), (["loss.dims=[16,0]"], "loss.dims"), (["loss.dims=[16,-8]"], "loss.dims"),
+    (["loss.dims=[]"], "loss.dims"), (["loss.dims=[16,8]", "loss.dim_weights=[1.0]"], "loss.dim_weights"),
+    (["loss.dims=[16,8]", "loss.dim_weights=[1,1,1]"], "loss.dim_weights"),
+    (["loss.dims=[16,8]", "loss.dim_weights=[1,-1]"], "loss.dim_weights"),
+    (["loss.dims=[16,8]", "loss.dim_sampling.dims_per_step=0"], "loss.dim_sampling.dims_per_step"),
+    (["loss.dims=[16,8]", "loss.dim_sampling.dims_per_step=3"], "loss.dim_sampling.dims_per_step"),
 ])
-def test_matryoshka_invalid_config_raises_naming_the_field(dims, weights, k, field):
-    with pytest.raises(ValueError, match=field):
-        MatryoshkaLoss(RecordingLoss(), dims, weights, n_dims_per_step=k)
-    with pytest.raises(ValueError, match=rf"loss\.{field}"):
-        check_dims(dims, weights, k, field="loss.dims")
+def test_invalid_dims_and_options_fail_at_config_load_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=rf"^{field}:"):
+        load_config(None, overrides)
 
 
 # --- parity with sentence-transformers ------------------------------------------------------------------------------
@@ -434,7 +439,7 @@ def test_matryoshka_equals_sentence_transformers_matryoshka(base_name, dims, wei
 
 
 @pytest.mark.parametrize("k", [1, 2])
-def test_matryoshka_n_dims_per_step_equals_sentence_transformers(k):
+def test_dim_sampler_equals_sentence_transformers_n_dims_per_step(k):
     """Both draw random.sample(range(len(dims)), k): under the same seed they train the same dims."""
     losses = st_losses()
     embeddings = random_columns(4, 2, 6, 32)  # float64: the weighted totals reach ~100
@@ -442,12 +447,12 @@ def test_matryoshka_n_dims_per_step_equals_sentence_transformers(k):
     model = FixedEmbeddingModel(embeddings)
     dims, weights = [32, 16, 8, 4], [1.0, 2.0, 3.0, 4.0]
     st = losses.MatryoshkaLoss(model, losses.CoSENTLoss(model), dims, matryoshka_weights=weights, n_dims_per_step=k)
-    ours = MatryoshkaLoss(functools.partial(cosent_loss, scale=20.0), dims, weights, n_dims_per_step=k)
+    ours, sampler = MatryoshkaLoss(functools.partial(cosent_loss, scale=20.0), dims, weights), DimSampler(dims, k)
     for seed in range(5):
         random.seed(seed)
         expected = st(features_for(embeddings), labels)
         random.seed(seed)
-        total, _ = ours(embeddings, labels)
+        total, _ = ours(embeddings, labels, sampler())
         assert float(total) == pytest.approx(float(expected), abs=1e-5)
 
 

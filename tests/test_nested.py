@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mrl.losses import (contrastive_loss, contrastive_losses_nested, cosent_loss, cosent_losses_nested,
-                        device_constant, nested_cosine_matrices, nested_pair_cosines)
+from mrl.device import device_constant
+from mrl.losses import contrastive_loss, cosent_loss
 from mrl.matryoshka import MatryoshkaLoss
+from mrl.nested import contrastive_losses_nested, cosent_losses_nested, nested_cosine_matrices, nested_pair_cosines
+from mrl.variants import DimSampler, LearnedWeightsMatryoshkaLoss
 
 DIMS = [48, 8, 64, 16, 3]  # any order, a dim that is not a power of two, the full width
 
@@ -69,8 +71,8 @@ def test_nested_cosent_equals_the_loss_at_each_dim():
 
 
 @pytest.mark.parametrize("name", ["contrastive", "cosent"])
-@pytest.mark.parametrize("n_dims_per_step", [None, 2])
-def test_matryoshka_loss_nested_path_equals_the_loop_in_value_and_gradient(name, n_dims_per_step):
+@pytest.mark.parametrize("dims_per_step", [None, 2])
+def test_matryoshka_loss_nested_path_equals_the_loop_in_value_and_gradient(name, dims_per_step):
     base, nested = {"contrastive": (contrastive_loss, contrastive_losses_nested),
                     "cosent": (cosent_loss, cosent_losses_nested)}[name]
     embeddings = columns(3, 3 if name == "contrastive" else 2, batch=8)
@@ -79,8 +81,9 @@ def test_matryoshka_loss_nested_path_equals_the_loop_in_value_and_gradient(name,
     results = []
     for nested_loss in (None, partial(nested, scale=20.0)):
         random.seed(7)  # the same dims drawn on both paths
-        loss_fn = MatryoshkaLoss(partial(base, scale=20.0), DIMS, weights, n_dims_per_step, nested_loss=nested_loss)
-        total, per_dim = loss_fn(embeddings, labels if name == "cosent" else None)
+        loss_fn = MatryoshkaLoss(partial(base, scale=20.0), DIMS, weights, nested_loss=nested_loss)
+        dims = DimSampler(DIMS, dims_per_step)() if dims_per_step else None
+        total, per_dim = loss_fn(embeddings, labels if name == "cosent" else None, dims)
         grads = torch.autograd.grad(total, embeddings)
         results.append((total, per_dim, grads))
     (total_loop, per_dim_loop, grads_loop), (total_nested, per_dim_nested, grads_nested) = results
@@ -108,10 +111,11 @@ class TensorsFromPythonData(TorchDispatchMode):
 @pytest.mark.parametrize("name", ["cosent", "contrastive"])
 @pytest.mark.parametrize("weights", [[1.0, 2.0, 0.5, 1.0, 3.0], "learned"])
 def test_a_training_step_of_the_nested_loss_makes_no_tensor_from_python_data(name, weights):
-    """Its index and weight tensors are made on the first step only (mrl.losses.device_constant)."""
+    """Its index and weight tensors are made on the first step only (mrl.device.device_constant)."""
     nested = {"cosent": cosent_losses_nested, "contrastive": contrastive_losses_nested}[name]
     base = {"cosent": cosent_loss, "contrastive": contrastive_loss}[name]
-    loss_fn = MatryoshkaLoss(base, DIMS, weights, nested_loss=nested)
+    loss_fn = (LearnedWeightsMatryoshkaLoss(base, DIMS, nested_loss=nested) if weights == "learned"
+               else MatryoshkaLoss(base, DIMS, weights, nested_loss=nested))
     g = torch.Generator().manual_seed(0)
     embeddings = [torch.randn(6, 64, generator=g, requires_grad=True) for _ in range(2 if name == "cosent" else 3)]
     labels = torch.rand(6, generator=g)

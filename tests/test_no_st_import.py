@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = sorted((REPO / "mrl").glob("*.py")) + [REPO / "train.py"]
+SOURCES = sorted((REPO / "mrl").rglob("*.py")) + [REPO / "train.py"]
 
 PROBE = """
 import importlib, json, pkgutil, sys
 import mrl
-names = ["mrl"] + ["mrl." + m.name for m in pkgutil.iter_modules(mrl.__path__)]
+names = ["mrl"] + [m.name for m in pkgutil.walk_packages(mrl.__path__, "mrl.")]
 for name in names:
     importlib.import_module(name)
 print(json.dumps({"modules": names, "loaded": sorted(m for m in sys.modules if m.split(".")[0] in %r)}))
@@ -36,7 +36,8 @@ def fresh_import():
 
 
 def test_importing_every_mrl_module_does_not_import_sentence_transformers(fresh_import):
-    expected = {"mrl"} | {f"mrl.{p.stem}" for p in (REPO / "mrl").glob("*.py") if p.stem != "__init__"}
+    expected = {".".join(("mrl",) + p.relative_to(REPO / "mrl").with_suffix("").parts).removesuffix(".__init__")
+                for p in (REPO / "mrl").rglob("*.py")}
     assert set(fresh_import["modules"]) == expected
     assert [m for m in fresh_import["loaded"] if m.startswith("sentence_transformers")] == []
 

@@ -10,8 +10,13 @@ from functools import partial
 import pytest
 import torch
 
-from mrl.losses import LOSSES, NESTED_LOSSES, NESTED_SCORES
-from mrl.matryoshka import DIM_WEIGHT_RULES, MatryoshkaLoss, dim_weights
+from mrl.config import load_config
+from mrl.losses import LOSSES
+from mrl.matryoshka import MatryoshkaLoss
+from mrl.nested import NESTED_LOSSES, NESTED_SCORES
+from mrl.objective import Objective
+from mrl.variants import (DIM_WEIGHT_RULES, DimSampler, LearnedWeightsMatryoshkaLoss, PrefixDistillation,
+                          dim_weights)
 from test_train import encode_saved, run_train
 
 
@@ -21,10 +26,14 @@ def columns(seed, n_columns, batch=6, width=32):
             for _ in range(n_columns)]
 
 
-def matryoshka(name, dims, **options):
-    kwargs = {"scale": 20.0}
-    return MatryoshkaLoss(partial(LOSSES[name], **kwargs), dims, nested_loss=partial(NESTED_LOSSES[name], **kwargs),
-                          nested_scores=NESTED_SCORES[name], **options)
+def matryoshka(name, dims, weights=None, distill_weight=0.0, distill_temperature=0.05):
+    """The Matryoshka loss of `name` (fused path) with fixed, rule or learned weights, plus distillation if asked."""
+    base, nested = partial(LOSSES[name], scale=20.0), partial(NESTED_LOSSES[name], scale=20.0)
+    if weights == "learned":
+        loss = LearnedWeightsMatryoshkaLoss(base, dims, nested)
+    else:
+        loss = MatryoshkaLoss(base, dims, dim_weights(weights, dims) if isinstance(weights, str) else weights, nested)
+    return PrefixDistillation(loss, NESTED_SCORES[name], distill_weight, distill_temperature) if distill_weight else loss
 
 
 def kl_reference(teacher_scores, student_scores, temperature):
@@ -100,7 +109,7 @@ def test_distillation_teacher_gets_no_gradient_from_the_kl():
     gradient from the KL term (they appear only in the detached full-width teacher)."""
     embeddings = columns(2, 2)
     loss_fn = matryoshka("contrastive", [32, 8], distill_weight=1.0, distill_temperature=0.1)
-    loss_fn.nested_loss = lambda embeddings, labels, dims, **_: embeddings[0].new_zeros(len(dims))  # KL only
+    loss_fn.matryoshka.nested_loss = lambda embeddings, labels, dims, **_: embeddings[0].new_zeros(len(dims))  # KL only
     total, _ = loss_fn(embeddings)
     grads = torch.autograd.grad(total, embeddings)
     assert all(g[:, 8:].abs().max() == 0 for g in grads)
@@ -156,69 +165,61 @@ def test_learned_weights_are_uncertainty_weighting():
 
 def test_always_full_puts_the_largest_dim_in_every_step():
     random.seed(0)
-    loss_fn = matryoshka("contrastive", [8, 32, 16, 4], n_dims_per_step=2, always_full=True)
-    drawn = [[loss_fn.dims[i] for i in loss_fn.choose_dims()] for _ in range(50)]
+    sampler = DimSampler([8, 32, 16, 4], 2, always_full=True)
+    drawn = [sampler() for _ in range(50)]
     assert all(dims[0] == 32 and len(dims) == 2 for dims in drawn)
     assert {dims[1] for dims in drawn} == {16, 8, 4}  # the other slot still visits every other dim
 
 
 def test_cyclic_schedule_trains_every_dim_equally_often_in_order():
-    loss_fn = matryoshka("contrastive", [32, 16, 8, 4, 2], n_dims_per_step=2)
-    loss_fn.schedule = "cyclic"
+    loss_fn, sampler = matryoshka("contrastive", [32, 16, 8, 4, 2]), DimSampler([32, 16, 8, 4, 2], 2, "cyclic")
     embeddings = columns(6, 2)
-    trained = [sorted((d for d in loss_fn(embeddings)[1] if isinstance(d, int)), reverse=True) for _ in range(5)]
+    trained = [list(loss_fn(embeddings, None, sampler())[1]) for _ in range(5)]
     assert trained == [[32, 16], [8, 4], [32, 2], [16, 8], [4, 2]]  # 5 calls: each dim exactly twice
 
 
 def test_cyclic_schedule_with_the_full_dim_cycles_the_others():
-    loss_fn = matryoshka("cosent", [32, 24, 16, 8], n_dims_per_step=2, schedule="cyclic", always_full=True)
-    trained = []
-    for _ in range(4):
-        trained.append([loss_fn.dims[i] for i in loss_fn.choose_dims()])
-        loss_fn.calls += 1
-    assert trained == [[32, 24], [32, 16], [32, 8], [32, 24]]
+    sampler = DimSampler([32, 24, 16, 8], 2, schedule="cyclic", always_full=True)
+    assert [sampler() for _ in range(4)] == [[32, 24], [32, 16], [32, 8], [32, 24]]
 
 
 def test_cyclic_schedule_under_2d_advances_once_per_step():
-    """Matryoshka2dLoss scores the last layer and an earlier one per step, at the same dims; the cycle moves
-    one window per step, so the last layer still trains every dim in turn."""
-    from mrl.matryoshka import Matryoshka2dLoss
-
-    inner = matryoshka("contrastive", [32, 16, 8, 4], n_dims_per_step=2, schedule="cyclic", always_full=True)
-    loss_fn = Matryoshka2dLoss(inner, n_layers_per_step=1)
+    """The objective draws the dims once per step and hands them to the 2D loss, which scores the last layer
+    and an earlier one at those dims: the last layer still trains every dim in turn."""
+    config = load_config(None, ["loss.name=contrastive", "loss.dims=[32,16,8,4]", "loss.two_d.enabled=true",
+                                "loss.dim_sampling.dims_per_step=2", "loss.dim_sampling.schedule=cyclic",
+                                "loss.dim_sampling.always_full=true"])
+    objective = Objective(config.loss, width=32)
     generator = torch.Generator().manual_seed(0)
     embeddings = [torch.randn(6, 3, 32, generator=generator, dtype=torch.float64) for _ in range(2)]
     trained = []
     for _ in range(4):
-        _, per_dim = loss_fn(embeddings)  # the earlier layer's loss is "layer1", not per dim
-        trained.append(sorted((d for d in per_dim if isinstance(d, int)), reverse=True))
+        _, per_dim = objective(embeddings)  # the earlier layer's loss is "layer1", not per dim
+        trained.append([d for d in per_dim if isinstance(d, int)])
     assert trained == [[32, 16], [32, 8], [32, 4], [32, 16]]
-    assert inner.calls == 4
+    assert objective.dim_sampler.calls == 4
 
 
 def test_schedule_position_travels_in_the_state_dict():
-    loss_fn = matryoshka("contrastive", [32, 16, 8], n_dims_per_step=1, schedule="cyclic")
-    embeddings = columns(7, 2)
+    sampler = DimSampler([32, 16, 8], 1, schedule="cyclic")
     for _ in range(2):
-        loss_fn(embeddings)
-    restored = matryoshka("contrastive", [32, 16, 8], n_dims_per_step=1, schedule="cyclic")
-    restored.load_state_dict(loss_fn.state_dict())
-    assert list(loss_fn(embeddings)[1]) == list(restored(embeddings)[1]) == [8]
+        sampler()
+    restored = DimSampler([32, 16, 8], 1, schedule="cyclic")
+    restored.load_state_dict(sampler.state_dict())
+    assert sampler() == restored() == [8]
 
 
 def test_bad_options_fail_with_the_field_name():
-    from mrl.config import load_config
-
-    with pytest.raises(ValueError, match="dim_weights"):
+    with pytest.raises(ValueError, match="loss.dim_weights"):
         load_config(None, ["loss.dim_weights=cubic"])
-    with pytest.raises(ValueError, match="loss.always_full_dim"):
-        load_config(None, ["loss.always_full_dim=true"])
-    with pytest.raises(ValueError, match="loss.always_full_dim.*n_dims_per_step >= 2"):
-        load_config(None, ["loss.n_dims_per_step=1", "loss.always_full_dim=true"])
-    with pytest.raises(ValueError, match="loss.dim_schedule"):
-        load_config(None, ["loss.n_dims_per_step=2", "loss.dim_schedule=zigzag"])
-    with pytest.raises(ValueError, match="loss.distill_weight"):
-        load_config(None, ["loss.matryoshka=false", "loss.distill_weight=1"])
+    with pytest.raises(ValueError, match="loss.dim_sampling.always_full"):
+        load_config(None, ["loss.dim_sampling.always_full=true"])
+    with pytest.raises(ValueError, match="loss.dim_sampling.always_full.*dims_per_step >= 2"):
+        load_config(None, ["loss.dim_sampling.dims_per_step=1", "loss.dim_sampling.always_full=true"])
+    with pytest.raises(ValueError, match="loss.dim_sampling.schedule"):
+        load_config(None, ["loss.dim_sampling.dims_per_step=2", "loss.dim_sampling.schedule=zigzag"])
+    with pytest.raises(ValueError, match="loss.distill.weight"):
+        load_config(None, ["loss.matryoshka=false", "loss.distill.weight=1"])
     assert load_config(None, ["loss.dim_weights=learned"]).loss.dim_weights == "learned"
 
 
@@ -226,7 +227,8 @@ def test_learned_weights_and_the_cycle_are_restored_on_resume(tmp_path, tiny_mod
     """A run with learned weights and a cyclic schedule, resumed from step 2, ends where the 4-step run ends:
     the same model, the same learned weights, and steps 3 and 4 train the same dims."""
     options = ("loss.dims=[32,24,16,8]", "loss.dim_weights=learned", "loss.dim_weight_lr=0.1",
-               "loss.n_dims_per_step=2", "loss.dim_schedule=cyclic", "loss.always_full_dim=true",
+               "loss.dim_sampling.dims_per_step=2", "loss.dim_sampling.schedule=cyclic",
+               "loss.dim_sampling.always_full=true",
                "train.max_steps=4")
     whole = run_train(tmp_path / "whole", tiny_model_dir, *options, "train.save_every=2")
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -252,7 +254,7 @@ def test_learned_weights_and_the_cycle_are_restored_on_resume(tmp_path, tiny_mod
 
 
 def test_a_run_with_distillation_and_rule_weights_describes_them(tmp_path, tiny_model_dir):
-    proc = run_train(tmp_path, tiny_model_dir, "loss.distill_weight=0.5", "loss.dim_weights=inverse_sqrt")
+    proc = run_train(tmp_path, tiny_model_dir, "loss.distill.weight=0.5", "loss.dim_weights=inverse_sqrt")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["train"]["dim_weights"] == pytest.approx(

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from conftest import SHARED
-from mrl.funnel import FunnelIndex
-from mrl.retrieval import (_chunk_top_k, RetrievalSet, evaluate_retrieval, int8_scales, load_beir, mrr_at_k,
-                           ndcg_at_k, nli_retrieval_set, prefix, quantize_binary, quantize_int8,
-                           quantize_int8_queries, quantized_search,
-                           recall_at_k, retrieval_metrics, storage_bytes, top_k, unpack_signs)
+from mrl.retrieval.data import RetrievalSet, load_beir, nli_retrieval_set
+from mrl.retrieval.exact import _chunk_top_k, prefix, top_k
+from mrl.retrieval.funnel import FunnelIndex
+from mrl.retrieval.metrics import evaluate_retrieval, mrr_at_k, ndcg_at_k, recall_at_k, retrieval_metrics
+from mrl.retrieval.quantize import (int8_scales, quantize_binary, quantize_int8, quantize_int8_queries,
+                                    quantized_search, storage_bytes, unpack_signs)
 
 
 def test_ndcg_by_hand():

@@ -1,4 +1,4 @@
-"""Batches padded to a few shapes (train.pad_to_multiple_of) and the compiled training forward (train.compile):
+"""Batches padded to a few shapes (speed.pad_to_multiple_of) and the compiled training forward (speed.compile):
 the padding is masked, so embeddings, gradients and a trained model are those of the unpadded, eager run."""
 
 import csv
@@ -9,7 +9,8 @@ import torch
 
 from mrl import Encoder
 from mrl.config import load_config
-from mrl.data import Collator, chunk_features, embed_by_length, padded_length
+from mrl.data import Collator, chunk_features, padded_length
+from mrl.speed import embed_by_length
 
 from test_train import STSB, run_train
 
@@ -94,22 +95,22 @@ def test_chunk_features_keeps_padding_up_to_the_multiple(tiny_encoder):
 
 
 def test_bad_compile_and_padding_options_fail_with_the_field_name():
-    with pytest.raises(ValueError, match="train.compile: needs train.pad_to_multiple_of"):
-        load_config(None, ["train.compile=default"])
-    with pytest.raises(ValueError, match="train.compile: expected one of"):
-        load_config(None, ["train.compile=fast", "train.pad_to_multiple_of=16"])
-    with pytest.raises(ValueError, match="train.compile: not with train.cache_chunk_size"):
-        load_config(None, ["train.compile=default", "train.pad_to_multiple_of=16", "train.cache_chunk_size=8"])
-    with pytest.raises(ValueError, match="train.compile: reduce-overhead .* not with train.grad_accum"):
-        load_config(None, ["train.compile=reduce-overhead", "train.pad_to_multiple_of=16", "train.grad_accum=2"])
-    with pytest.raises(ValueError, match="train.pad_to_multiple_of: must be >= 1"):
-        load_config(None, ["train.pad_to_multiple_of=0"])
-    cfg = load_config(None, ["train.compile=reduce-overhead", "train.pad_to_multiple_of=16"])
-    assert (cfg.train.compile, cfg.train.pad_to_multiple_of) == ("reduce-overhead", 16)
+    with pytest.raises(ValueError, match="speed.compile: needs speed.pad_to_multiple_of"):
+        load_config(None, ["speed.compile=default"])
+    with pytest.raises(ValueError, match="speed.compile: expected one of"):
+        load_config(None, ["speed.compile=fast", "speed.pad_to_multiple_of=16"])
+    with pytest.raises(ValueError, match="speed.compile: not with train.cache_chunk_size"):
+        load_config(None, ["speed.compile=default", "speed.pad_to_multiple_of=16", "train.cache_chunk_size=8"])
+    with pytest.raises(ValueError, match="speed.compile: reduce-overhead .* not with train.grad_accum"):
+        load_config(None, ["speed.compile=reduce-overhead", "speed.pad_to_multiple_of=16", "train.grad_accum=2"])
+    with pytest.raises(ValueError, match="speed.pad_to_multiple_of: must be >= 1"):
+        load_config(None, ["speed.pad_to_multiple_of=0"])
+    cfg = load_config(None, ["speed.compile=reduce-overhead", "speed.pad_to_multiple_of=16"])
+    assert (cfg.speed.compile, cfg.speed.pad_to_multiple_of) == ("reduce-overhead", 16)
 
 
 def test_compiled_training_trains_the_same_model_as_eager(tmp_path, tiny_model_dir):
-    """train.py with train.compile=default (one compiled shape: every batch padded to 64 tokens) trains the
+    """train.py with speed.compile=default (one compiled shape: every batch padded to 64 tokens) trains the
     model of the eager run, dropout off so that both draw nothing at random: their embeddings of 40 dev texts
     agree to 1e-4, where training (at a large learning rate) moved them by more than 1e-2."""
     model_dir = tmp_path / "no-dropout"
@@ -122,8 +123,8 @@ def test_compiled_training_trains_the_same_model_as_eager(tmp_path, tiny_model_d
     texts = [row["sentence1"] for row in csv.DictReader(open(STSB / "dev.csv", encoding="utf-8"))][:40]
 
     embeddings = {"start": Encoder.from_pretrained(str(model_dir)).encode(texts)}
-    for name, extra in (("eager", []), ("compiled", ["train.compile=default"])):
-        proc = run_train(tmp_path / name, model_dir, "train.pad_to_multiple_of=64", "train.lr=1e-3", *extra)
+    for name, extra in (("eager", []), ("compiled", ["speed.compile=default"])):
+        proc = run_train(tmp_path / name, model_dir, "speed.pad_to_multiple_of=64", "train.lr=1e-3", *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         embeddings[name] = Encoder.from_pretrained(str(tmp_path / name / "run" / "model")).encode(texts)
         steps = json.loads((tmp_path / name / "run" / "results.json").read_text())["train"]["new_shape_steps"]

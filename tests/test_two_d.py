@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from mrl.losses import contrastive_loss
-from mrl.matryoshka import Matryoshka2dLoss, MatryoshkaLoss
+from mrl.matryoshka import MatryoshkaLoss
+from mrl.two_d import Matryoshka2dLoss
 
 TEXTS = ["a man plays a guitar on the stage", "a dog", "two women talk in a cafe", "it rains"]
 
@@ -87,7 +88,7 @@ def test_2d_kl_teacher_is_detached():
         assert not torch.allclose(with_kl[:, :-1], without_kl[:, :-1])  # earlier layers: pulled by the KL
 
 
-def test_n_layers_per_step_must_leave_a_last_layer():
-    loss_fn = Matryoshka2dLoss(MatryoshkaLoss(partial(contrastive_loss, scale=20.0), [8]), n_layers_per_step=3)
-    with pytest.raises(ValueError, match="n_layers_per_step"):
+def test_layers_per_step_must_leave_a_last_layer():
+    loss_fn = Matryoshka2dLoss(MatryoshkaLoss(partial(contrastive_loss, scale=20.0), [8]), layers_per_step=3)
+    with pytest.raises(ValueError, match="loss.two_d.layers_per_step"):
         loss_fn([torch.randn(4, 3, 8), torch.randn(4, 3, 8)])

@@ -1,4 +1,4 @@
-"""mrl.evaluation: per-dim STS Spearman, computed by hand, and the Markdown table."""
+"""mrl.sts: per-dim STS Spearman, computed by hand; and mrl.report.markdown_table."""
 
 import math
 

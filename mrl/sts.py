@@ -1,4 +1,4 @@
-"""Per-dimension evaluation: every dim scored from ONE encoding pass, truncated the way the loss truncates."""
+"""Per-dimension STS evaluation: every dim scored from ONE encoding pass, truncated the way the loss truncates."""
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +37,3 @@ def evaluate_sts(encoder, table, dims: list[int], batch_size: int = 128, show_pr
     a = embeddings[[index[s] for s in s1]]  # (N, D)
     b = embeddings[[index[s] for s in s2]]  # (N, D)
     return sts_spearman_by_dim(a, b, list(table[LABEL]), dims)
-
-
-def markdown_table(results: dict[str, dict[int, float]], metric: str = "Spearman ×100") -> str:
-    """{'name': {dim: score}} -> a Markdown table, one row per name, one column per dim (largest first)."""
-    dims = sorted({d for scores in results.values() for d in scores}, reverse=True)
-    lines = [f"| {metric} | " + " | ".join(f"d={d}" for d in dims) + " |",
-             "| --- |" + " ---: |" * len(dims)]
-    for name, scores in results.items():
-        cells = [f"{scores[d]:.2f}" if d in scores else "" for d in dims]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)

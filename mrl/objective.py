@@ -1,0 +1,57 @@
+"""The training objective of a config's `loss` section: one callable from a step's embeddings to its loss.
+
+    base loss (mrl.losses, named by loss.name)
+      -> MatryoshkaLoss over loss.dims, every dim from one batched computation (mrl.nested), weights by
+         loss.dim_weights (a list, a rule, or learned: mrl.variants)
+      -> + prefix self-distillation (loss.distill)           -> 2D Matryoshka over layers (loss.two_d)
+with the dims of each step drawn by a DimSampler (loss.dim_sampling) and, with cross-device negatives, every
+process's embeddings gathered first (mrl.dist).
+"""
+
+from torch import Tensor
+
+from .dist import gather_columns
+from .matryoshka import MatryoshkaLoss
+from .nested import NESTED_SCORES, losses_for
+from .two_d import Matryoshka2dLoss
+from .variants import DimSampler, LearnedWeightsMatryoshkaLoss, PrefixDistillation, dim_weights
+
+
+class Objective:
+    """objective(embeddings, labels) -> (total, per_dim), for this process's embeddings (one (B, D) tensor
+    per text column, or (B, L, D) with every layer's for 2D).
+
+    Attributes: `loss` (the nn.Module to checkpoint and whose parameters, if any, to train), `matryoshka` (the
+    Matryoshka loss inside it: its current_weights), `dim_sampler` (None, or a DimSampler to checkpoint).
+    """
+
+    def __init__(self, loss_config, width: int, cross_device: bool = False):
+        base_loss, nested_loss = losses_for(loss_config.name, loss_config.scale, loss_config.symmetric)
+        dims = loss_config.dims if loss_config.matryoshka else [width]  # the baseline: the full width only
+        rule = loss_config.dim_weights
+        if rule == "learned":
+            self.matryoshka = LearnedWeightsMatryoshkaLoss(base_loss, dims, nested_loss)
+        else:
+            weights = dim_weights(rule, dims) if isinstance(rule, str) else rule
+            self.matryoshka = MatryoshkaLoss(base_loss, dims, weights, nested_loss)
+        self.loss, distill, two_d = self.matryoshka, loss_config.distill, loss_config.two_d
+        if distill.weight > 0:
+            self.loss = PrefixDistillation(self.loss, NESTED_SCORES[loss_config.name], distill.weight,
+                                           distill.temperature)
+        if two_d.enabled:
+            self.loss = Matryoshka2dLoss(self.loss, two_d.layers_per_step, two_d.layer_weight, two_d.kl_weight,
+                                         two_d.kl_temperature)
+        sampling = loss_config.dim_sampling
+        self.dim_sampler = (DimSampler(dims, sampling.dims_per_step, sampling.schedule, sampling.always_full)
+                            if sampling.dims_per_step else None)
+        self.cross_device = cross_device
+
+    def __call__(self, embeddings: list[Tensor], labels: Tensor | None = None) -> tuple[Tensor, dict]:
+        dims = self.dim_sampler() if self.dim_sampler else None  # None: every dim
+        if self.cross_device:  # each anchor against the candidates of every process
+            all_columns, own_rows = gather_columns(embeddings)
+            return self.loss(all_columns, labels, dims, rows=own_rows)
+        return self.loss(embeddings, labels, dims)
+
+    def __repr__(self) -> str:
+        return f"{self.loss}" + (f", {self.dim_sampler}" if self.dim_sampler else "")

@@ -1,0 +1,136 @@
+"""Beyond plain MRL: pieces that compose with mrl.matryoshka.MatryoshkaLoss, each off by default.
+
+- Dim weights by a rule (`dim_weights`) or learned (`LearnedWeightsMatryoshkaLoss`: uncertainty weighting).
+- A few dims per step (`DimSampler`: drawn at random or in turn; its position travels in checkpoints).
+- Prefix self-distillation (`PrefixDistillation`): each prefix's in-batch similarity distribution is pulled
+  toward the full width's, through `kl_to_teacher`, the KL that 2D Matryoshka (mrl.two_d) uses too.
+Each is checked against a float64 formula of its own in tests/test_quality_options.py.
+"""
+
+import random
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .device import device_constant
+from .matryoshka import MatryoshkaLoss
+
+# Fixed rules for the weight of each dim d of a model of width D; rescaled so that the weights average 1 (the
+# total loss then has the scale of uniform weights, and one learning rate serves every rule)
+DIM_WEIGHT_RULES = {
+    "uniform": lambda d, width: 1.0,  # the reference (MRL, sentence-transformers)
+    "proportional": lambda d, width: d / width,  # each dim counts by its share of the width
+    "inverse_sqrt": lambda d, width: (width / d) ** 0.5,  # decays with the dim: small prefixes count more
+    "inverse": lambda d, width: width / d,  # decays faster: each halving of d doubles its weight
+}
+
+
+def dim_weights(rule: str, dims: Sequence[int]) -> list[float]:
+    """The weights of one of DIM_WEIGHT_RULES for `dims`, in dims' order, averaging 1."""
+    raw = [DIM_WEIGHT_RULES[rule](d, max(dims)) for d in dims]
+    return [w * len(raw) / sum(raw) for w in raw]
+
+
+class LearnedWeightsMatryoshkaLoss(MatryoshkaLoss):
+    """Uncertainty weighting (Kendall et al., 2018): one parameter s_d = log σ_d² per dim, trained with the
+    model (put `parameters()` in the optimiser), in place of fixed weights:
+
+        L = Σ_d exp(−s_d) · L_d + s_d          (each s_d settles where exp(s_d) = L_d)
+    """
+
+    def __init__(self, base_loss: Callable[..., Tensor], dims: Sequence[int],
+                 nested_loss: Callable[..., Tensor] | None = None):
+        super().__init__(base_loss, dims, nested_loss=nested_loss)
+        self.log_variances = nn.Parameter(torch.zeros(len(self.dims)))  # s_d, in self.dims' order
+
+    def weigh(self, losses: Tensor, dims: Sequence[int]) -> Tensor:
+        rows = device_constant(tuple(self.dims.index(d) for d in dims), self.log_variances.device, torch.long)
+        s = self.log_variances[rows].to(losses.device)
+        return (torch.exp(-s) * losses + s).sum()
+
+    def current_weights(self) -> dict[int, float]:
+        """exp(−s_d) of each dim, now."""
+        return dict(zip(self.dims, torch.exp(-self.log_variances.detach()).tolist()))
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}, weights=learned"
+
+
+class DimSampler:
+    """The dims one step trains, when not all: k of them per call, drawn at random (Python's `random`, which
+    the training loop seeds and checkpoints) or in turn ("cyclic": the next k, wrapping around, so every dim
+    is trained equally often). always_full=True makes the largest dim one of the k, every call. Returns the
+    dims largest first; its state (the calls so far) goes into checkpoints, so a resumed run continues the cycle.
+    """
+
+    def __init__(self, dims: Sequence[int], k: int, schedule: str = "random", always_full: bool = False):
+        self.dims, self.k, self.schedule, self.always_full = sorted(dims, reverse=True), k, schedule, always_full
+        self.calls = 0
+
+    def __call__(self) -> list[int]:
+        fixed = [0] if self.always_full else []
+        pool = list(range(len(fixed), len(self.dims)))
+        k = self.k - len(fixed)
+        if self.schedule == "random":
+            drawn = random.sample(pool, k)
+        else:  # cyclic: the next k of the pool, wrapping around
+            drawn = [pool[(self.calls * k + j) % len(pool)] for j in range(k)]
+        self.calls += 1
+        return [self.dims[i] for i in sorted(fixed + drawn)]
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = state["calls"]
+
+    def __repr__(self) -> str:
+        return (f"DimSampler({self.k} of {self.dims} per step, {self.schedule}"
+                + (", always the largest)" if self.always_full else ")"))
+
+
+def kl_to_teacher(teacher: Tensor, student: Tensor, temperature: float) -> Tensor:
+    """KL(P_teacher ‖ P_student) of similarity distributions, the teacher detached; teacher (R, C) scores,
+    student (..., R, C) -> (...). Each row is a distribution over its C candidates at temperature τ:
+
+        P_r = softmax_c( S_rc / τ ),    KL = 1/R Σ_r Σ_c P^teacher_rc · (log P^teacher_rc − log P^student_rc)
+    """
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    log_teacher = F.log_softmax(teacher.detach().to(dtype) / temperature, dim=-1)
+    log_student = F.log_softmax(student.to(dtype) / temperature, dim=-1)
+    return (log_teacher.exp() * (log_teacher - log_student)).sum(-1).mean(-1)
+
+
+class PrefixDistillation(nn.Module):
+    """A Matryoshka loss plus prefix self-distillation: each trained prefix d below the embeddings' full width
+    D is pulled toward the full embedding's similarity structure, the teacher detached:
+
+        L = L_matryoshka + weight · Σ_{d < D} KL( P^D ‖ P^d )        (kl_to_teacher)
+
+    where P^d is the softmax at `temperature` of the batch's scores at width d, given by
+    scores(embeddings, dims=[...]) -> (n, R, C) (mrl.nested.NESTED_SCORES: each anchor's cosines to every
+    candidate for the contrastive loss, the pair cosines of the batch for CoSENT). The teacher is the
+    embeddings' full width D, also when the largest trained dim is smaller.
+    """
+
+    def __init__(self, matryoshka: nn.Module, scores: Callable[..., Tensor], weight: float,
+                 temperature: float = 0.05):
+        super().__init__()
+        self.matryoshka, self.scores, self.weight, self.temperature = matryoshka, scores, weight, temperature
+
+    def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, dims: Sequence[int] | None = None,
+                **loss_kwargs) -> tuple[Tensor, dict]:
+        total, per_dim = self.matryoshka(embeddings, labels, dims, **loss_kwargs)
+        width = embeddings[0].shape[-1]
+        students = [d for d in per_dim if isinstance(d, int) and d < width]
+        if students:
+            scores = self.scores(embeddings, dims=[width] + students, **loss_kwargs)  # (1 + n, R, C)
+            kl = kl_to_teacher(scores[0], scores[1:], self.temperature)  # (n,)
+            total = total + self.weight * kl.sum()
+            per_dim.update({f"distill_d{d}": v for d, v in zip(students, kl.detach().unbind())})
+        return total, per_dim
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, temperature={self.temperature}"
