@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
-from mrl.config import check_against_model, check_columns, flat_dict, load_config
+from mrl.config import check_against_model, check_train_columns, flat_dict, load_config
 from mrl.data import BatchSampler, Collator, load_table, text_columns
 from mrl.gradcache import cached_backward
 from mrl.objective import Objective
@@ -56,7 +56,7 @@ mirror = load_mirror(cfg.mirror)
 # -- model: loaded first, so dims and layers are checked against it before any data is read
 model = load_encoder(cfg.model, mirror)
 check_against_model(cfg, model.embedding_dim, model.num_layers)
-accelerator.print(f"model: {cfg.model.name} ({model.embedding_dim} dims, max_seq_length {model.max_seq_length})")
+accelerator.print(f"model: {model.name_or_path} ({model.embedding_dim} dims, max_seq_length {model.max_seq_length})")
 
 # -- data: every table is loaded and checked before the first step
 with accelerator.main_process_first():  # the first process fills the datasets cache, the others read it
@@ -64,7 +64,7 @@ with accelerator.main_process_first():  # the first process fills the datasets c
     eval_tables = {split: load_table(spec, f"eval.{split}", True, mirror)
                    for split, spec in (("dev", cfg.eval.dev), ("test", cfg.eval.test)) if spec is not None}
 columns = text_columns(train_table)
-check_columns(cfg, columns)
+check_train_columns(cfg, columns)
 for split, table in {"train": train_table, **eval_tables}.items():
     accelerator.print(f"{split}: {len(table)} rows, text columns {text_columns(table)}"
                       + (", label in [0, 1]" if "label" in table.column_names else ""))
@@ -80,12 +80,9 @@ loader = DataLoader(train_table, batch_sampler=sampler, collate_fn=collate, num_
                     pin_memory=accelerator.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.train.seed))
 
 # -- loss: Σ_d w_d · L(normalize(e[:, :d])) and the options of the loss section (mrl/objective.py)
-cross_device = cfg.loss.cross_device
-if cross_device is None:
-    cross_device = cfg.loss.name == "contrastive" and accelerator.num_processes > 1
-objective = Objective(cfg.loss, model.embedding_dim, cross_device)
+objective = Objective(cfg.loss, model.embedding_dim, accelerator.num_processes)
 length_groups = length_groups_for(cfg.train.batch_size * len(columns), cfg.speed.length_groups, accelerator.device)
-accelerator.print(f"loss: {objective}" + (f", negatives from all {accelerator.num_processes} processes" if cross_device else "")
+accelerator.print(f"loss: {objective} ({accelerator.num_processes} process(es))"
                   + (f", GradCache chunks of {cfg.train.cache_chunk_size} texts" if cfg.train.cache_chunk_size
                      else f", each batch embedded in {length_groups} length group(s)")
                   + (f", padded to multiples of {cfg.speed.pad_to_multiple_of} tokens" if cfg.speed.pad_to_multiple_of else "")
@@ -135,12 +132,15 @@ if args.resume:
     accelerator.print(f"resumed from {resume_dir} at step {progress.step} (epoch {progress.epoch})")
 
 
+eval_dims = cfg.eval.dims or cfg.loss.dims
+
+
 def evaluate(split: str, n_layers: int | None = None) -> dict[int, float]:
     """Per-dim Spearman on one eval table, on the main process (the other processes wait)."""
     scores = {}
     if accelerator.is_main_process:
-        scores = evaluate_sts(accelerator.unwrap_model(model), eval_tables[split], cfg.eval.dims or cfg.loss.dims,
-                              cfg.eval.batch_size, n_layers=n_layers)
+        scores = evaluate_sts(accelerator.unwrap_model(model), eval_tables[split], eval_dims, cfg.eval.batch_size,
+                              n_layers=n_layers)
     accelerator.wait_for_everyone()
     return scores
 
@@ -151,7 +151,7 @@ def log_scores(split: str, scores: dict[int, float], step: int, n_layers: int | 
     accelerator.log({f"{tag}/d{d}": s for d, s in scores.items()}, step=step)
 
 
-results = {"dims": sorted(cfg.eval.dims or cfg.loss.dims, reverse=True), "dev": {}, "test": {}, "dev_during_training": {}}
+results = {"dims": sorted(eval_dims, reverse=True), "dev": {}, "test": {}, "dev_during_training": {}}
 if cfg.log.with_:
     accelerator.init_trackers("mrl", config=flat_dict(cfg))
 if not args.resume and cfg.eval.at_start and eval_tables:  # the starting point, for the before/after table
@@ -224,7 +224,7 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
 bar.close()
 results["train"] = {"steps": progress.step - start_step, "processes": accelerator.num_processes,
                     "dims_trained": {d: dims_trained[d] for d in sorted(dims_trained, reverse=True)},
-                    "cross_device": cross_device, **throughput.summary()}
+                    "cross_device": objective.cross_device, **throughput.summary()}
 
 # -- final evaluation and outputs; only the main process writes
 if cfg.train.save_every and progress.step % cfg.train.save_every:

@@ -1,9 +1,9 @@
 """One config tree: dataclass defaults <- a YAML recipe of changes <- `--set a.b=value` overrides.
 
 A recipe holds only what differs from the defaults, or from the recipe it names as `base: other.yaml`.
-Related fields sit in groups (loss.dim_sampling, loss.distill, loss.two_d, speed). Unknown keys and values of the wrong type fail at load time with the field's dotted name, before any
-model or data is touched. Dataset specs are dicts of `datasets.load_dataset` keyword arguments plus three
-keys of ours (see `mrl.data.load_table`).
+Related fields sit in groups (loss.dim_sampling, loss.distill, loss.two_d, speed). Unknown keys and values of
+the wrong type fail at load time with the field's dotted name, before any model or data is touched. Dataset
+specs are dicts of `datasets.load_dataset` keyword arguments plus three keys of ours (see `mrl.data.load_table`).
 """
 
 import dataclasses
@@ -16,9 +16,9 @@ import yaml
 
 from . import losses
 from .losses import LOSSES
-from .matryoshka import check_dims
+from .matryoshka import check_dims, check_weights
 from .two_d import check_layers_per_step
-from .variants import DIM_WEIGHT_RULES
+from .variants import DIM_WEIGHT_RULES, check_dim_sampling, check_distillation
 
 STSB = "sentence-transformers/stsb"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
@@ -259,17 +259,13 @@ def validate(cfg: Config) -> None:
         cfg.log.with_ = [cfg.log.with_]
     if loss.name not in LOSSES:
         raise ValueError(f"loss.name: expected one of {sorted(LOSSES)}, got {loss.name!r}")
-    check_dims(loss.dims, "loss.dims")
+    check_dims(loss.dims, field="loss.dims")
     if isinstance(loss.dim_weights, str):
         if loss.dim_weights not in DIM_WEIGHT_RULES and loss.dim_weights != "learned":
             raise ValueError(f"loss.dim_weights: expected a list of numbers or one of "
                              f"{sorted(DIM_WEIGHT_RULES) + ['learned']}, got {loss.dim_weights!r}")
     elif loss.dim_weights is not None:
-        if len(loss.dim_weights) != len(loss.dims):
-            raise ValueError(f"loss.dim_weights: got {len(loss.dim_weights)} weights for {len(loss.dims)} dims "
-                             f"{loss.dims}")
-        if any(w < 0 for w in loss.dim_weights):
-            raise ValueError(f"loss.dim_weights: every weight must be a number >= 0, got {loss.dim_weights}")
+        check_weights(loss.dim_weights, loss.dims, field="loss.dim_weights")
     if loss.dim_weight_lr <= 0:
         raise ValueError(f"loss.dim_weight_lr: must be > 0, got {loss.dim_weight_lr}")
     sampling = loss.dim_sampling
@@ -279,17 +275,9 @@ def validate(cfg: Config) -> None:
             if value != default:
                 raise ValueError(f"loss.dim_sampling.{name}: only has an effect with "
                                  f"loss.dim_sampling.dims_per_step set (got {value!r})")
-    elif not 1 <= sampling.dims_per_step <= len(loss.dims):
-        raise ValueError(f"loss.dim_sampling.dims_per_step: must be between 1 and len(loss.dims)={len(loss.dims)}, "
-                         f"got {sampling.dims_per_step}")
-    if sampling.always_full and sampling.dims_per_step == 1:
-        raise ValueError("loss.dim_sampling.always_full: with loss.dim_sampling.dims_per_step=1 only the largest dim "
-                         "would train (no Matryoshka); set loss.dim_sampling.dims_per_step >= 2")
-    if sampling.schedule not in ("random", "cyclic"):
-        raise ValueError(f"loss.dim_sampling.schedule: expected random | cyclic, got {sampling.schedule!r}")
-    if loss.distill.weight < 0 or loss.distill.temperature <= 0:
-        raise ValueError(f"loss.distill.weight must be >= 0 and loss.distill.temperature > 0, "
-                         f"got {loss.distill.weight} and {loss.distill.temperature}")
+    check_dim_sampling(len(loss.dims), sampling.dims_per_step, sampling.schedule, sampling.always_full,
+                       "loss.dim_sampling.")
+    check_distillation(loss.distill.weight, loss.distill.temperature, "loss.distill.")
     if not loss.matryoshka:
         for name, value, default in (("dim_weights", loss.dim_weights, None),
                                      ("dim_sampling.dims_per_step", sampling.dims_per_step, None),
@@ -299,7 +287,7 @@ def validate(cfg: Config) -> None:
     if loss.two_d.enabled and loss.two_d.layers_per_step < 1:
         raise ValueError(f"loss.two_d.layers_per_step: must be >= 1, got {loss.two_d.layers_per_step}")
     if cfg.eval.dims is not None:
-        check_dims(cfg.eval.dims, "eval.dims")
+        check_dims(cfg.eval.dims, field="eval.dims")
     for name in ("batch_size", "epochs", "grad_accum"):
         if getattr(train, name) < 1:
             raise ValueError(f"train.{name}: must be >= 1, got {getattr(train, name)}")
@@ -342,9 +330,9 @@ def validate(cfg: Config) -> None:
 
 def check_against_model(cfg: Config, embedding_dim: int, num_layers: int) -> None:
     """The checks that need the loaded model: dims within its width, layers within its depth."""
-    check_dims(cfg.loss.dims, "loss.dims", embedding_dim)
+    check_dims(cfg.loss.dims, field="loss.dims", width=embedding_dim)
     if cfg.eval.dims is not None:
-        check_dims(cfg.eval.dims, "eval.dims", embedding_dim)
+        check_dims(cfg.eval.dims, field="eval.dims", width=embedding_dim)
     for n_layers in cfg.eval.layers or []:
         if not 1 <= n_layers <= num_layers:
             raise ValueError(f"eval.layers: {n_layers} is not in 1..{num_layers} (the model's layers)")
@@ -352,7 +340,7 @@ def check_against_model(cfg: Config, embedding_dim: int, num_layers: int) -> Non
         check_layers_per_step(cfg.loss.two_d.layers_per_step, num_layers)
 
 
-def check_columns(cfg: Config, columns: list[str]) -> None:
+def check_train_columns(cfg: Config, columns: list[str]) -> None:
     """The check that needs the training table: its text columns suit the loss."""
     try:
         losses.check_columns(cfg.loss.name, len(columns))

@@ -141,6 +141,7 @@ class Encoder(nn.Module):
         if normalize is None:
             normalize = layout.normalize
         encoder = cls(backbone, tokenizer, max_seq_length, normalize, dense, activation)
+        encoder.name_or_path = name_or_path  # where it was loaded from (a local copy, for a mirrored hub id)
         return encoder.to(dtype).eval()  # like transformers: loaded models start in eval mode
 
     def save(self, path: str, matryoshka_dims: list[int] | None = None) -> None:

@@ -55,7 +55,8 @@ def cosent_loss(embeddings: list[Tensor], labels: Tensor, *, scale: float = 20.0
 
     Only the order of the labels matters, so their range (0..1 or 0..5) does not change the loss.
     """
-    check_columns("cosent", len(embeddings), labels)
+    check_columns("cosent", len(embeddings))
+    check_labels(labels, len(embeddings[0]))
     a, b = embeddings
     return cosent_from_cosines(F.cosine_similarity(a, b, dim=-1)[None], labels, scale)[0]
 
@@ -69,15 +70,22 @@ def cosent_from_cosines(cos: Tensor, labels: Tensor, scale: float) -> Tensor:
     return torch.logsumexp(torch.cat([zero, terms], dim=1), dim=1)
 
 
-def check_columns(name: str, n_columns: int, labels: Tensor | None | bool = True) -> None:
-    """Raise ValueError if loss `name` cannot take `n_columns` text columns (and, for CoSENT, labels)."""
+def check_columns(name: str, n_columns: int) -> None:
+    """Raise ValueError if loss `name` cannot take `n_columns` text columns."""
     if name == "contrastive" and n_columns < 2:
         raise ValueError(f"the contrastive loss needs at least 2 text columns (anchor, positive), got {n_columns}")
     if name == "cosent" and n_columns != 2:
         raise ValueError(f"the cosent loss needs exactly 2 text columns (sentence1, sentence2) and a score, "
                          f"got {n_columns} text columns")
-    if name == "cosent" and labels is None:
+
+
+def check_labels(labels: Tensor | None, n_rows: int) -> None:
+    """Raise ValueError unless `labels` holds one score per pair, shape (B,): a (B, 1) column would broadcast
+    into a (B, B) comparison and give a wrong loss without an error."""
+    if labels is None:
         raise ValueError("the cosent loss needs a label (score) for every pair")
+    if labels.shape != (n_rows,):
+        raise ValueError(f"the cosent loss needs labels of shape ({n_rows},), one per pair; got {tuple(labels.shape)}")
 
 
 LOSSES = {"contrastive": contrastive_loss, "cosent": cosent_loss}

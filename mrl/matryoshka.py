@@ -13,6 +13,7 @@ equal in value and gradient. Training uses it. What goes beyond plain MRL (dim w
 few dims per step, prefix distillation) is in mrl.variants, and 2D Matryoshka in mrl.two_d.
 """
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -48,8 +49,7 @@ class MatryoshkaLoss(nn.Module):
         super().__init__()
         check_dims(dims)
         weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
-        if len(weights) != len(dims):
-            raise ValueError(f"weights: got {len(weights)} weights for {len(dims)} dims {list(dims)}")
+        check_weights(weights, dims)
         self.base_loss, self.nested_loss = base_loss, nested_loss
         self.dims = sorted(dims, reverse=True)
         self.weight_of = dict(zip(dims, weights))
@@ -79,7 +79,7 @@ class MatryoshkaLoss(nn.Module):
         return f"dims={self.dims}, weights={list(self.current_weights().values())}"
 
 
-def check_dims(dims: Sequence[int], field: str = "dims", width: int | None = None) -> None:
+def check_dims(dims: Sequence[int], *, field: str = "dims", width: int | None = None) -> None:
     """Raise ValueError, naming `field`, unless dims are distinct positive integers, none above `width`."""
     if not dims:
         raise ValueError(f"{field}: needs at least one dimension, got {list(dims)}")
@@ -90,3 +90,11 @@ def check_dims(dims: Sequence[int], field: str = "dims", width: int | None = Non
         raise ValueError(f"{field}: duplicate dims in {list(dims)}")
     if width is not None and max(dims) > width:
         raise ValueError(f"{field}: dim {max(dims)} is larger than the model's embedding size {width}")
+
+
+def check_weights(weights: Sequence[float], dims: Sequence[int], *, field: str = "weights") -> None:
+    """Raise ValueError, naming `field`, unless there is one finite weight >= 0 per dim."""
+    if len(weights) != len(dims):
+        raise ValueError(f"{field}: got {len(weights)} weights for {len(dims)} dims {list(dims)}")
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f"{field}: every weight must be a finite number >= 0, got {list(weights)}")

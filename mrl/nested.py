@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .device import device_constant
-from .losses import LOSSES, check_columns, cosent_from_cosines
+from .losses import LOSSES, check_columns, check_labels, cosent_from_cosines
 
 
 def nested_cosine_matrices(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
@@ -77,7 +77,8 @@ def contrastive_losses_nested(embeddings: list[Tensor], labels: Tensor | None = 
 
 def cosent_losses_nested(embeddings: list[Tensor], labels: Tensor, *, dims: list[int], scale: float = 20.0) -> Tensor:
     """mrl.losses.cosent_loss at every prefix length d in `dims` at once: (len(dims),), in dims' order."""
-    check_columns("cosent", len(embeddings), labels)
+    check_columns("cosent", len(embeddings))
+    check_labels(labels, len(embeddings[0]))
     return cosent_from_cosines(nested_pair_cosines(*embeddings, dims), labels, scale)
 
 

@@ -19,13 +19,14 @@ from .variants import DimSampler, LearnedWeightsMatryoshkaLoss, PrefixDistillati
 
 class Objective:
     """objective(embeddings, labels) -> (total, per_dim), for this process's embeddings (one (B, D) tensor
-    per text column, or (B, L, D) with every layer's for 2D).
+    per text column, or (B, L, D) with every layer's for 2D). loss_config: mrl.config.LossConfig; width: the
+    model's embedding size (the baseline trains that dim alone); n_processes: for the cross-device default.
 
     Attributes: `loss` (the nn.Module to checkpoint and whose parameters, if any, to train), `matryoshka` (the
     Matryoshka loss inside it: its current_weights), `dim_sampler` (None, or a DimSampler to checkpoint).
     """
 
-    def __init__(self, loss_config, width: int, cross_device: bool = False):
+    def __init__(self, loss_config, width: int, n_processes: int = 1):
         base_loss, nested_loss = losses_for(loss_config.name, loss_config.scale, loss_config.symmetric)
         dims = loss_config.dims if loss_config.matryoshka else [width]  # the baseline: the full width only
         rule = loss_config.dim_weights
@@ -44,7 +45,9 @@ class Objective:
         sampling = loss_config.dim_sampling
         self.dim_sampler = (DimSampler(dims, sampling.dims_per_step, sampling.schedule, sampling.always_full)
                             if sampling.dims_per_step else None)
-        self.cross_device = cross_device
+        # cross-device negatives: loss.cross_device, or by default whenever a contrastive run has several processes
+        self.cross_device = (loss_config.cross_device if loss_config.cross_device is not None
+                             else loss_config.name == "contrastive" and n_processes > 1)
 
     def __call__(self, embeddings: list[Tensor], labels: Tensor | None = None) -> tuple[Tensor, dict]:
         dims = self.dim_sampler() if self.dim_sampler else None  # None: every dim
@@ -54,4 +57,5 @@ class Objective:
         return self.loss(embeddings, labels, dims)
 
     def __repr__(self) -> str:
-        return f"{self.loss}" + (f", {self.dim_sampler}" if self.dim_sampler else "")
+        return (f"{self.loss}" + (f", {self.dim_sampler}" if self.dim_sampler else "")
+                + (", negatives from every process" if self.cross_device else ""))

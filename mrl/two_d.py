@@ -3,9 +3,10 @@
 import random
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
-from .nested import contrastive_scores_nested
+from .losses import cosine_matrix
 from .variants import kl_to_teacher
 
 
@@ -52,8 +53,9 @@ class Matryoshka2dLoss(nn.Module):
 
 
 def in_batch_scores(columns: list[Tensor], rows: Tensor | None) -> Tensor:
-    """Each anchor's cosines to every candidate of the batch, at full width: (b, C)."""
-    return contrastive_scores_nested(columns, dims=[columns[0].shape[-1]], rows=rows)[0]
+    """Each anchor's cosines to every candidate of the batch (the other columns), at full width: (b, C)."""
+    q = columns[0] if rows is None else columns[0][rows]
+    return cosine_matrix(q, torch.cat(columns[1:]))
 
 
 def check_layers_per_step(layers_per_step: int, n_layers: int) -> None:

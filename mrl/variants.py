@@ -7,6 +7,7 @@
 Each is checked against a float64 formula of its own in tests/test_quality_options.py.
 """
 
+import math
 import random
 from collections.abc import Callable, Sequence
 
@@ -66,6 +67,7 @@ class DimSampler:
     """
 
     def __init__(self, dims: Sequence[int], k: int, schedule: str = "random", always_full: bool = False):
+        check_dim_sampling(len(dims), k, schedule, always_full)
         self.dims, self.k, self.schedule, self.always_full = sorted(dims, reverse=True), k, schedule, always_full
         self.calls = 0
 
@@ -89,6 +91,18 @@ class DimSampler:
     def __repr__(self) -> str:
         return (f"DimSampler({self.k} of {self.dims} per step, {self.schedule}"
                 + (", always the largest)" if self.always_full else ")"))
+
+
+def check_dim_sampling(n_dims: int, k: int | None, schedule: str, always_full: bool, prefix: str = "") -> None:
+    """Raise ValueError, naming the field (`prefix` + dims_per_step, schedule or always_full), unless k of n_dims
+    dims can be drawn per step by `schedule`."""
+    if k is not None and not 1 <= k <= n_dims:
+        raise ValueError(f"{prefix}dims_per_step: must be between 1 and the number of dims ({n_dims}), got {k}")
+    if schedule not in ("random", "cyclic"):
+        raise ValueError(f"{prefix}schedule: expected random | cyclic, got {schedule!r}")
+    if always_full and k == 1:
+        raise ValueError(f"{prefix}always_full: with {prefix}dims_per_step=1 only the largest dim would train (no "
+                         f"Matryoshka); set {prefix}dims_per_step >= 2")
 
 
 def kl_to_teacher(teacher: Tensor, student: Tensor, temperature: float) -> Tensor:
@@ -115,16 +129,17 @@ class PrefixDistillation(nn.Module):
     embeddings' full width D, also when the largest trained dim is smaller.
     """
 
-    def __init__(self, matryoshka: nn.Module, scores: Callable[..., Tensor], weight: float,
+    def __init__(self, matryoshka: MatryoshkaLoss, scores: Callable[..., Tensor], weight: float,
                  temperature: float = 0.05):
         super().__init__()
+        check_distillation(weight, temperature)
         self.matryoshka, self.scores, self.weight, self.temperature = matryoshka, scores, weight, temperature
 
     def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, dims: Sequence[int] | None = None,
                 **loss_kwargs) -> tuple[Tensor, dict]:
         total, per_dim = self.matryoshka(embeddings, labels, dims, **loss_kwargs)
         width = embeddings[0].shape[-1]
-        students = [d for d in per_dim if isinstance(d, int) and d < width]
+        students = [d for d in (self.matryoshka.dims if dims is None else dims) if d < width]
         if students:
             scores = self.scores(embeddings, dims=[width] + students, **loss_kwargs)  # (1 + n, R, C)
             kl = kl_to_teacher(scores[0], scores[1:], self.temperature)  # (n,)
@@ -134,3 +149,9 @@ class PrefixDistillation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, temperature={self.temperature}"
+
+
+def check_distillation(weight: float, temperature: float, prefix: str = "") -> None:
+    """Raise ValueError, naming the field, unless weight >= 0 and temperature > 0 (both finite)."""
+    if not (math.isfinite(weight) and weight >= 0 and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{prefix}weight must be >= 0 and {prefix}temperature > 0, got {weight} and {temperature}")

@@ -180,6 +180,17 @@ def test_cosent_gradients_match_loop(seed):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(4, 1), (1, 4), (3,)])
+def test_cosent_refuses_labels_that_are_not_one_per_pair(shape):
+    """A (B, 1) column would broadcast into a (B, B) comparison: a wrong loss, no error, without this check."""
+    embeddings = random_columns(3, 2, 4, 3)
+    with pytest.raises(ValueError, match=r"labels of shape \(4,\)"):
+        cosent_loss(embeddings, torch.rand(shape, dtype=torch.float64))
+    from mrl.nested import cosent_losses_nested
+    with pytest.raises(ValueError, match=r"labels of shape \(4,\)"):
+        cosent_losses_nested(embeddings, torch.rand(shape, dtype=torch.float64), dims=[3, 2])
+
+
 def test_cosent_gradcheck():
     embeddings = random_columns(3, 2, 4, 3, requires_grad=True)
     labels = torch.tensor([0.3, 0.1, 0.8, 0.1], dtype=torch.float64)
@@ -325,12 +336,13 @@ def test_matryoshka_dim_larger_than_embedding_width_raises():
     with pytest.raises(ValueError, match="dims.*64"):
         loss(random_columns(0, 2, 3, 32))
     with pytest.raises(ValueError, match=r"loss\.dims.*64"):
-        check_dims([64, 8], "loss.dims", width=32)
-    check_dims([32, 8], "loss.dims", width=32)  # equal to the width is fine
+        check_dims([64, 8], field="loss.dims", width=32)
+    check_dims([32, 8], field="loss.dims", width=32)  # equal to the width is fine
 
 
 @pytest.mark.parametrize("dims,weights", [([16, 8, 16], None), ([16, 0], None), ([16, -8], None), ([16, 8.0], None),
-                                          ([], None), ([16, 8], [1.0]), ([16, 8], [1.0, 1.0, 1.0])])
+                                          ([], None), ([16, 8], [1.0]), ([16, 8], [1.0, 1.0, 1.0]),
+                                          ([16, 8], [1.0, -1.0]), ([16, 8], [1.0, float("nan")])])
 def test_matryoshka_loss_refuses_bad_dims_and_weights(dims, weights):
     with pytest.raises(ValueError, match="dims|weights"):
         MatryoshkaLoss(RecordingLoss(), dims, weights)

@@ -262,3 +262,17 @@ def test_a_run_with_distillation_and_rule_weights_describes_them(tmp_path, tiny_
     card = (tmp_path / "run" / "model" / "README.md").read_text()
     assert "prefix self-distillation toward the full embedding, weight 0.5" in card
     assert "inverse_sqrt weights 0.68, 0.961, 1.36" in card
+
+
+@pytest.mark.parametrize("k, schedule, always_full, field", [
+    (0, "random", False, "dims_per_step"), (4, "random", False, "dims_per_step"),
+    (2, "zigzag", False, "schedule"), (1, "cyclic", True, "always_full")])
+def test_dim_sampler_refuses_what_it_cannot_draw(k, schedule, always_full, field):
+    with pytest.raises(ValueError, match=field):
+        DimSampler([32, 16, 8], k, schedule, always_full)
+
+
+@pytest.mark.parametrize("weight, temperature", [(-1.0, 0.05), (1.0, 0.0), (float("nan"), 0.05), (1.0, float("inf"))])
+def test_prefix_distillation_refuses_bad_settings(weight, temperature):
+    with pytest.raises(ValueError, match="weight must be >= 0 and temperature > 0"):
+        PrefixDistillation(matryoshka("contrastive", [32, 8]), NESTED_SCORES["contrastive"], weight, temperature)

@@ -126,7 +126,7 @@ def test_two_process_contrastive_run_with_cross_device_negatives_and_gradcache(t
     proc = run_nli_recipe(tmp_path, "configs/nli-matryoshka.yaml", tiny_model_dir, "train.batch_size=16",
                           "train.cache_chunk_size=8", "loss.dim_sampling.dims_per_step=2", launcher=TWO_PROCESSES)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "negatives from all 2 processes, GradCache chunks of 8 texts" in proc.stdout
+    assert "negatives from every process (2 process(es)), GradCache chunks of 8 texts" in proc.stdout
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["train"]["processes"] == 2 and results["train"]["samples"] == 2 * 16 * 2
 

@@ -3,7 +3,8 @@
 A Matryoshka embedding's first d dims are themselves an embedding, so a search can look at the whole corpus
 through a narrow prefix and spend full-width work only on a shortlist. The first stage is exact search over
 the d₁-dim prefix (mrl.retrieval.exact.top_k) or, for a large corpus, an inverted-file search
-(mrl.retrieval.ivf) that scores only the lists near each query; every later stage re-scores the survivors of the one before, in float32.
+(mrl.retrieval.ivf) that scores only the lists near each query; every later stage re-scores the survivors of
+the one before, in float32.
 """
 
 import torch
