@@ -10,8 +10,8 @@ config -> accelerator -> model -> data -> loss -> optimiser -> prepare -> resume
 import argparse
 import math
 import shlex
+import sys
 import time
-from collections import Counter
 from functools import partial
 
 import torch
@@ -23,14 +23,16 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
-from mrl.config import check_against_model, check_train_columns, flat_dict, load_config
-from mrl.data import BatchSampler, Collator, load_table, text_columns
+from mrl.cli import one_line_errors
+from mrl.config import check_against_model, check_train_columns, config_warnings, flat_dict, load_config
+from mrl.data import BatchSampler, Collator, degenerate_data, load_table, text_columns
 from mrl.gradcache import cached_backward
+from mrl.monitor import StepMonitor
 from mrl.objective import Objective
 from mrl.report import markdown_table, result_rows
-from mrl.run_folder import DimsLog, Progress, find_checkpoint, save_checkpoint, write_outputs
+from mrl.run_folder import DimsLog, Progress, check_resumable, find_checkpoint, prepare, save_checkpoint, write_outputs
 from mrl.sources import load_encoder, load_mirror
-from mrl.speed import compile_forward, embed_by_length, length_groups_for
+from mrl.speed import compile_forward, describe, embed_by_length, length_groups_for
 from mrl.sts import evaluate_sts
 from mrl.throughput import Throughput
 
@@ -38,7 +40,9 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--config", default="configs/default.yaml", help="YAML file of changes to mrl/config.py")
 parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=3e-5")
 parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest' (in output_dir/checkpoints)")
+parser.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
 args = parser.parse_args()
+sys.excepthook = one_line_errors  # a config, data or run-folder error prints as one line (mrl/cli.py)
 cfg = load_config(args.config, args.set)  # every config error surfaces here, before anything is loaded
 
 # cpu=True on a machine without a GPU: Accelerate then joins processes started by torchrun / `accelerate launch
@@ -51,11 +55,12 @@ accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_ac
 set_seed(cfg.train.seed)
 hf_logging.disable_progress_bar()
 accelerator.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+prepare(accelerator, cfg.output_dir, args.resume, args.overwrite)  # writable, and no other run in it unless asked
 mirror = load_mirror(cfg.mirror)
 
-# -- model: loaded first, so dims and layers are checked against it before any data is read
+# -- model: loaded first, so the config is checked against it (width, layers, length) before any data is read
 model = load_encoder(cfg.model, mirror)
-check_against_model(cfg, model.embedding_dim, model.num_layers)
+check_against_model(cfg, model, accelerator.device)
 accelerator.print(f"model: {model.name_or_path} ({model.embedding_dim} dims, max_seq_length {model.max_seq_length})")
 
 # -- data: every table is loaded and checked before the first step
@@ -71,6 +76,8 @@ for split, table in {"train": train_table, **eval_tables}.items():
 no_duplicates = cfg.data.no_duplicates if cfg.data.no_duplicates is not None else cfg.loss.name == "contrastive"
 sampler = BatchSampler(list(zip(*(train_table[c] for c in columns))), cfg.train.batch_size, no_duplicates,
                        cfg.train.drop_last, cfg.train.seed, processes=accelerator.num_processes)
+for warning in config_warnings(cfg) + degenerate_data(train_table, cfg.loss.name, sampler):
+    accelerator.print(f"warning: {warning}")
 collate = Collator(columns, model.tokenizer, model.max_seq_length, cfg.speed.pad_to_multiple_of)
 with accelerator.main_process_first():  # token ids once, up front (cached): no tokenizer in the training steps
     train_table = collate.pretokenize(train_table)
@@ -82,11 +89,8 @@ loader = DataLoader(train_table, batch_sampler=sampler, collate_fn=collate, num_
 # -- loss: Σ_d w_d · L(normalize(e[:, :d])) and the options of the loss section (mrl/objective.py)
 objective = Objective(cfg.loss, model.embedding_dim, accelerator.num_processes)
 length_groups = length_groups_for(cfg.train.batch_size * len(columns), cfg.speed.length_groups, accelerator.device)
-accelerator.print(f"loss: {objective} ({accelerator.num_processes} process(es))"
-                  + (f", GradCache chunks of {cfg.train.cache_chunk_size} texts" if cfg.train.cache_chunk_size
-                     else f", each batch embedded in {length_groups} length group(s)")
-                  + (f", padded to multiples of {cfg.speed.pad_to_multiple_of} tokens" if cfg.speed.pad_to_multiple_of else "")
-                  + (f", encoder compiled ({cfg.speed.compile})" if cfg.speed.compile else ""))
+accelerator.print(f"loss: {objective} ({accelerator.num_processes} process(es)), "
+                  + describe(cfg.speed, cfg.train.cache_chunk_size, length_groups))
 
 # -- optimiser and schedule (no weight decay on biases and LayerNorm weights, as in BERT)
 trainable = [p for p in model.parameters() if p.requires_grad]
@@ -128,6 +132,7 @@ if objective.dim_sampler:
     accelerator.register_for_checkpointing(objective.dim_sampler)  # where the dim schedule stands
 if args.resume:
     resume_dir = find_checkpoint(args.resume, cfg.output_dir)
+    check_resumable(resume_dir, cfg.to_dict())  # the same model, data, loss and optimisation, or an error
     accelerator.load_state(resume_dir)
     accelerator.print(f"resumed from {resume_dir} at step {progress.step} (epoch {progress.epoch})")
 
@@ -135,20 +140,17 @@ if args.resume:
 eval_dims = cfg.eval.dims or cfg.loss.dims
 
 
-def evaluate(split: str, n_layers: int | None = None) -> dict[int, float]:
-    """Per-dim Spearman on one eval table, on the main process (the other processes wait)."""
+def evaluate(split: str, step: int, n_layers: int | None = None) -> dict[int, float]:
+    """Per-dim Spearman on one eval table, on the main process (the other processes wait), logged as tracker
+    scalars eval/<split>/spearman[/layers<k>]/d<dim>."""
     scores = {}
     if accelerator.is_main_process:
         scores = evaluate_sts(accelerator.unwrap_model(model), eval_tables[split], eval_dims, cfg.eval.batch_size,
                               n_layers=n_layers)
     accelerator.wait_for_everyone()
-    return scores
-
-
-def log_scores(split: str, scores: dict[int, float], step: int, n_layers: int | None = None) -> None:
-    """Per-dim eval scores as tracker scalars: eval/<split>/spearman[/layers<k>]/d<dim>."""
     tag = f"eval/{split}/spearman" + (f"/layers{n_layers}" if n_layers else "")
     accelerator.log({f"{tag}/d{d}": s for d, s in scores.items()}, step=step)
+    return scores
 
 
 results = {"dims": sorted(eval_dims, reverse=True), "dev": {}, "test": {}, "dev_during_training": {}}
@@ -156,14 +158,13 @@ if cfg.log.with_:
     accelerator.init_trackers("mrl", config=flat_dict(cfg))
 if not args.resume and cfg.eval.at_start and eval_tables:  # the starting point, for the before/after table
     for split in eval_tables:
-        results[split]["before training"] = evaluate(split)
-        log_scores(split, results[split]["before training"], step=0)
+        results[split]["before training"] = evaluate(split, step=0)
     accelerator.print(markdown_table(result_rows(results)))
 
 # -- the loop
 model.train()
-running, counts = {}, {}  # per-key loss sums and counts since the last log, on the device (no sync per step)
-step_dims, dims_trained = set(), Counter()  # the dims of this optimiser step; how many steps trained each dim
+monitor = StepMonitor()  # each step's losses and gradient norm, checked finite without a host sync per step
+check_every = 1 if accelerator.device.type == "cpu" else cfg.log.every  # a check is a host sync on a GPU
 dims_log = (DimsLog(cfg.output_dir, progress.step if args.resume else None)
             if objective.dim_sampler and accelerator.is_main_process else None)
 bar = tqdm(total=total_steps, initial=progress.step, desc="train", disable=not accelerator.is_main_process)
@@ -179,62 +180,58 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
             if cuda_graphs:  # the previous step's graph outputs are no longer needed: their memory may be reused
                 torch.compiler.cudagraph_mark_step_begin()
             loss, per_dim = forward_backward(batch, labels)
-            if accelerator.sync_gradients and loss_parameters and accelerator.num_processes > 1:
-                for p in loss_parameters:  # not inside DDP: average their gradients across processes here
+            if accelerator.sync_gradients:
+                for p in loss_parameters if accelerator.num_processes > 1 else []:  # not inside DDP: averaged here
                     p.grad = accelerator.reduce(p.grad, "mean")
-            if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
         progress.batch_in_epoch += 1
         throughput.add(shape, len(batch["input_ids"]) // n_columns * accelerator.num_processes,
                        time.perf_counter() - batch_start)
-        for d, value in {"total": loss.detach(), **per_dim}.items():  # a dim or layer drawn on some steps only
-            running[d], counts[d] = running.get(d, 0.0) + value, counts.get(d, 0) + 1  # averages its own steps
-        step_dims.update(d for d in per_dim if isinstance(d, int))
+        monitor.add(loss, per_dim)
         if not accelerator.sync_gradients:
             continue
 
         progress.step += 1
         bar.update(1)
+        step_dims = monitor.end_step(progress.step, grad_norm)
         if dims_log:
             dims_log.write(progress.step, step_dims)
-        dims_trained.update(step_dims)
-        step_dims = set()
-        if progress.step % cfg.log.every == 0 or progress.step == total_steps:
-            logs = {"train/loss" if d == "total" else f"train/loss/{f'd{d}' if isinstance(d, int) else d}":
-                    (v / counts[d]).item() for d, v in running.items()}  # .item(): one host sync per log interval
-            logs["train/lr"] = scheduler.get_last_lr()[0]
+        log_now = progress.step % cfg.log.every == 0 or progress.step == total_steps
+        eval_now = cfg.eval.every and progress.step % cfg.eval.every == 0 and progress.step < total_steps
+        save_now = cfg.train.save_every and progress.step % cfg.train.save_every == 0
+        if progress.step % check_every == 0 or log_now or eval_now or save_now:
+            monitor.check()  # a non-finite loss or gradient norm stops the run here, before anything is saved
+        if log_now:
+            logs = {**monitor.averages(), "train/lr": scheduler.get_last_lr()[0]}
             if loss_parameters:  # learned dim weights
                 logs.update({f"train/dim_weight/d{d}": w for d, w in objective.matryoshka.current_weights().items()})
             bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
             accelerator.log(logs, step=progress.step)
-            running, counts = {}, {}
-        if cfg.eval.every and progress.step % cfg.eval.every == 0 and progress.step < total_steps and "dev" in eval_tables:
-            scores = results["dev_during_training"][progress.step] = evaluate("dev")
-            log_scores("dev", scores, progress.step)
+        if eval_now and "dev" in eval_tables:
+            scores = results["dev_during_training"][progress.step] = evaluate("dev", progress.step)
             bar.write(markdown_table({f"dev, step {progress.step}": scores}))
-        if cfg.train.save_every and progress.step % cfg.train.save_every == 0:
-            save_checkpoint(accelerator, cfg.output_dir, progress.step, cfg.to_dict())
+        if save_now:
+            save_checkpoint(accelerator, cfg.output_dir, progress.step, cfg.to_dict(), model)
         if progress.step >= total_steps:
             break
     else:  # the epoch ran out (not a max_steps break)
         progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
 bar.close()
+monitor.check()
 results["train"] = {"steps": progress.step - start_step, "processes": accelerator.num_processes,
-                    "dims_trained": {d: dims_trained[d] for d in sorted(dims_trained, reverse=True)},
+                    "dims_trained": dict(sorted(monitor.dims_trained.items(), reverse=True)),
                     "cross_device": objective.cross_device, **throughput.summary()}
 
 # -- final evaluation and outputs; only the main process writes
 if cfg.train.save_every and progress.step % cfg.train.save_every:
-    save_checkpoint(accelerator, cfg.output_dir, progress.step, cfg.to_dict())  # for a later, longer --resume
+    save_checkpoint(accelerator, cfg.output_dir, progress.step, cfg.to_dict(), model)  # for a later, longer --resume
 for split in eval_tables:
-    results[split]["after training"] = evaluate(split)
-    log_scores(split, results[split]["after training"], progress.step)
+    results[split]["after training"] = evaluate(split, progress.step)
     for n_layers in cfg.eval.layers or []:  # the embeddings of the first n layers (2D Matryoshka)
-        scores = results[split][f"after training, {n_layers} layers"] = evaluate(split, n_layers)
-        log_scores(split, scores, progress.step, n_layers)
+        results[split][f"after training, {n_layers} layers"] = evaluate(split, progress.step, n_layers)
 if cfg.loss.matryoshka:
     results["train"]["dim_weights"] = objective.matryoshka.current_weights()  # learned: where they ended
 if accelerator.is_main_process:

@@ -7,6 +7,7 @@ specs are dicts of `datasets.load_dataset` keyword arguments plus three keys of 
 """
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -173,14 +174,15 @@ def _coerce(value, annotation, name: str):
         if not isinstance(value, list):
             raise TypeError(f"{name}: expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
-    if annotation is float and not isinstance(value, bool):
-        if isinstance(value, int):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+    if annotation is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and not math.isfinite(number):
+            raise ValueError(f"{name}: expected a finite number, got {value!r}")
+        if number is not None:
+            return number
     if annotation is dict and isinstance(value, dict):
         return value
     if annotation in (int, str, bool, float) and isinstance(value, annotation) and not (
@@ -204,23 +206,47 @@ def _merge(obj, changes: dict, prefix: str = "") -> None:
             setattr(obj, fields[key].name, _coerce(value, fields[key].type, name))
 
 
-def parse_override(text: str) -> dict:
-    """'train.lr=3e-5' -> {'train': {'lr': '3e-5'}}; the value is read as YAML ('[64, 8]' is a list)."""
+def apply_override(cfg: Config, text: str) -> None:
+    """`--set KEY=VALUE`: 'train.lr=3e-5' sets one field, the value read as YAML ('[64, 8]' is a list). A key
+    past a dataset spec changes that key of the spec alone: 'data.train.split=train[:100]' keeps its path."""
     if "=" not in text:
         raise ValueError(f"--set {text!r}: expected KEY=VALUE, e.g. train.lr=3e-5")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw)
-    for part in reversed(key.strip().split(".")):
-        value = {part: value}
-    return value
+    parts, value = key.strip().split("."), yaml.safe_load(raw)
+    obj = cfg
+    for i, part in enumerate(parts):
+        fields, name = {_key(f): f for f in dataclasses.fields(obj)}, ".".join(parts[:i + 1])
+        if part not in fields:
+            raise ValueError(f"{name}: unknown config key; expected one of {sorted(fields)}")
+        current, inside = getattr(obj, fields[part].name), parts[i + 1:]
+        if dataclasses.is_dataclass(current) and inside:
+            obj = current
+            continue
+        if inside:  # a key inside a mapping-valued field (a dataset spec)
+            if not isinstance(current, (dict, type(None))):
+                raise ValueError(f"--set {key}: {name} is not a mapping (it is {current!r})")
+            spec = dict(current or {})
+            target = spec
+            for inner in inside[:-1]:
+                target = target.setdefault(inner, {})
+            target[inside[-1]] = value
+            value = spec
+        _merge(obj, {part: value}, name[:-len(part)])
+        return
 
 
 def read_recipe(path: str, _seen: tuple = ()) -> list[dict]:
     """The changes of a YAML recipe, after those of the recipe it names as `base` (relative to its folder)."""
     if path in _seen:
         raise ValueError(f"{path}: `base` recipes form a cycle: {' -> '.join(_seen + (path,))}")
-    with open(path, encoding="utf-8") as f:
-        changes = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            changes = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a readable YAML file: {error}".replace("\n", " ")) from None
+    if not isinstance(changes, dict):
+        raise ValueError(f"{path}: a recipe is a mapping of sections (model:, data:, loss:, train:, ...), got "
+                         f"{type(changes).__name__} {changes!r:.60}")
     base = changes.pop("base", None)
     if base is None:
         return [changes]
@@ -233,7 +259,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     for changes in read_recipe(path) if path is not None else []:
         _merge(cfg, changes)
     for override in overrides:
-        _merge(cfg, parse_override(override))
+        apply_override(cfg, override)
     validate(cfg)
     return cfg
 
@@ -288,6 +314,9 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"loss.two_d.layers_per_step: must be >= 1, got {loss.two_d.layers_per_step}")
     if cfg.eval.dims is not None:
         check_dims(cfg.eval.dims, field="eval.dims")
+    for name, value in (("model.max_seq_length", cfg.model.max_seq_length), ("model.dense_dim", cfg.model.dense_dim)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}: must be >= 1 or null, got {value}")
     for name in ("batch_size", "epochs", "grad_accum"):
         if getattr(train, name) < 1:
             raise ValueError(f"train.{name}: must be >= 1, got {getattr(train, name)}")
@@ -328,16 +357,32 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"{name}: a dataset spec needs `path` (a hub id, or csv/json/parquet with data_files)")
 
 
-def check_against_model(cfg: Config, embedding_dim: int, num_layers: int) -> None:
-    """The checks that need the loaded model: dims within its width, layers within its depth."""
-    check_dims(cfg.loss.dims, field="loss.dims", width=embedding_dim)
+def check_against_model(cfg: Config, model, device) -> None:
+    """The checks that need the loaded model (an mrl Encoder) and the device: dims within its width, layers
+    within its depth, the sequence length within its positions, a precision the device runs."""
+    check_dims(cfg.loss.dims, field="loss.dims", width=model.embedding_dim)
     if cfg.eval.dims is not None:
-        check_dims(cfg.eval.dims, field="eval.dims", width=embedding_dim)
+        check_dims(cfg.eval.dims, field="eval.dims", width=model.embedding_dim)
     for n_layers in cfg.eval.layers or []:
-        if not 1 <= n_layers <= num_layers:
-            raise ValueError(f"eval.layers: {n_layers} is not in 1..{num_layers} (the model's layers)")
+        if not 1 <= n_layers <= model.num_layers:
+            raise ValueError(f"eval.layers: {n_layers} is not in 1..{model.num_layers} (the model's layers)")
     if cfg.loss.two_d.enabled:
-        check_layers_per_step(cfg.loss.two_d.layers_per_step, num_layers)
+        check_layers_per_step(cfg.loss.two_d.layers_per_step, model.num_layers)
+    limit = position_limit(model.backbone.config)
+    if limit is not None and model.max_seq_length > limit:
+        raise ValueError(f"model.max_seq_length: {model.max_seq_length} is more than the {limit} positions of "
+                         f"{cfg.model.name}")
+    if cfg.train.mixed_precision == "fp16" and device.type == "cpu":
+        raise ValueError("train.mixed_precision: fp16 needs a GPU; on a CPU the run would train in float32 while "
+                         "its config and results said fp16. Use bf16 or no")
+
+
+def position_limit(config) -> int | None:
+    """The longest input a transformers model takes, from its config: max_position_embeddings, less the two
+    positions that RoBERTa-style models reserve (their positions start after the padding index)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    offset = 2 if config.model_type in ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer") else 0
+    return None if limit is None else limit - offset
 
 
 def check_train_columns(cfg: Config, columns: list[str]) -> None:
@@ -346,3 +391,11 @@ def check_train_columns(cfg: Config, columns: list[str]) -> None:
         losses.check_columns(cfg.loss.name, len(columns))
     except ValueError as error:
         raise ValueError(f"data.train.columns: {error}; the table has {columns}") from None
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """What the config allows but trains nothing or little: all dim weights 0."""
+    weights = cfg.loss.dim_weights
+    if cfg.loss.matryoshka and isinstance(weights, list) and not any(weights):
+        return ["loss.dim_weights: every weight is 0, so the loss is 0 and nothing trains"]
+    return []

@@ -9,15 +9,18 @@ Column convention (as in the ecosystem): first text column the anchor, second it
 columns hard negatives; or two sentences and a score for CoSENT.
 """
 
+import gzip
+import math
 import os
 import random
+from collections import deque
 
 import datasets
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .sources import check_local_files, resolve_dataset, unreachable
+from .sources import check_local_files, local_files, resolve_dataset, unreachable
 
 OUR_KEYS = ("columns", "label", "score_max")
 LABEL = "label"  # the label column is renamed to this; every other column of a loaded table is text
@@ -34,6 +37,7 @@ def load_table(spec: dict, field: str, needs_label: bool = False, mirror: dict |
         raise ValueError(f"{field}.split: which split to use (e.g. train, validation, test)")
     check_local_files(spec, field)
     spec = resolve_dataset(spec, mirror or {})
+    check_utf8(spec, field)
     load_kwargs = {k: v for k, v in spec.items() if k not in OUR_KEYS}
     try:
         table = datasets.load_dataset(**load_kwargs)
@@ -61,16 +65,57 @@ def load_table(spec: dict, field: str, needs_label: bool = False, mirror: dict |
         raise ValueError(f"{field}.columns: no column {missing} in the table; it has {table.column_names}")
     if len(columns) < 2:
         raise ValueError(f"{field}.columns: need at least two text columns, found {columns} in {table.column_names}")
+    where = f"{field} ({_files(spec)})"
     for c in columns:
         empty = next((i for i, t in enumerate(table[c]) if not isinstance(t, str) or not t.strip()), None)
         if empty is not None:
-            raise ValueError(f"{field}: column {c!r} row {empty} is empty or not text: {table[empty][c]!r}")
+            raise ValueError(f"{where}: column {c!r} row {empty} is empty or not text: {table[empty][c]!r}")
 
     table = table.select_columns(columns + ([label] if needs_label else []))
     if needs_label:
         scale = float(spec.get("score_max") or 1.0)
-        table = table.map(lambda row: {LABEL: float(row[label]) / scale}, remove_columns=[label])
+        scores = [_score(v, scale, f"{where}: column {label!r} row {i}") for i, v in enumerate(table[label])]
+        outside = next((i for i, y in enumerate(scores) if not 0 <= y <= 1), None)
+        if outside is not None:
+            raise ValueError(f"{where}: column {label!r} row {outside}: the score {table[outside][label]!r} is "
+                             f"{scores[outside]:g} after dividing by score_max={scale:g}, outside [0, 1]; set "
+                             f"{field}.score_max to the scale's maximum (e.g. 5 for STS-B scored 0..5)")
+        table = table.remove_columns([label]).add_column(LABEL, scores)
     return table
+
+
+def _score(value, scale: float, where: str) -> float:
+    """A label as a float divided by `scale`, or an error naming where it is and what it holds."""
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        score = math.nan
+    if isinstance(value, bool) or not math.isfinite(score):
+        raise ValueError(f"{where}: the score {value!r} is not a number")
+    return score / scale
+
+
+def _files(spec: dict) -> str:
+    """Where a spec's rows come from, for error messages: its data files, else its path."""
+    files = spec.get("data_files")
+    if isinstance(files, dict):
+        files = files.get(spec["split"].split("[")[0], files)
+    return str(files if files else spec["path"])
+
+
+def check_utf8(spec: dict, field: str) -> None:
+    """Fail naming the file, line and bytes if a local text data file (csv, json, jsonl, txt; gzipped too) is
+    not UTF-8, before `datasets` reads it into an error that names neither."""
+    for path in local_files(spec.get("data_files")):
+        if not os.path.isfile(path) or not path.removesuffix(".gz").endswith((".csv", ".tsv", ".json", ".jsonl", ".txt")):
+            continue
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise ValueError(f"{field}.data_files: {path} line {number} is not UTF-8 (bytes "
+                                     f"{line[error.start:error.end]!r}); re-save the file as UTF-8") from None
 
 
 def _show(kwargs: dict) -> str:
@@ -122,19 +167,37 @@ class BatchSampler:
         cuts = [len(step) * p // parts for p in range(parts + 1)]
         return [step[a:b] for a, b in zip(cuts, cuts[1:])]
 
-    def _unique_text_batches(self, order: list[int], size: int):
-        remaining = dict.fromkeys(order)  # an ordered set
-        while remaining:
-            batch, seen = [], set()
-            for i in remaining:
-                if seen.isdisjoint(self.rows[i]):
-                    batch.append(i)
-                    seen.update(self.rows[i])
-                    if len(batch) == size:
-                        break
-            for i in batch:
-                del remaining[i]
-            yield batch
+    def _unique_text_batches(self, order: list[int], size: int, max_open: int = 64):
+        """Batches of up to `size` rows, no text twice in one: each row, in order, joins the oldest open batch
+        that holds none of its texts, else opens one; a batch closes when full, and batches come out in the
+        order they opened. That is filling one batch at a time from the rows left, in order, in one pass. At
+        most `max_open` batches stay open (only texts that repeat very often get there): one more closes the
+        oldest as it is, so the cost stays linear in the rows."""
+        batches = deque()  # [rows, texts, closed], oldest first
+        open_batches = []  # those not closed, oldest first
+        for i in order:
+            batch = next((b for b in open_batches if b[1].isdisjoint(self.rows[i])), None)
+            if batch is None:
+                if len(open_batches) == max_open:
+                    open_batches.pop(0)[2] = True
+                batch = [[], set(), False]
+                batches.append(batch)
+                open_batches.append(batch)
+            batch[0].append(i)
+            batch[1].update(self.rows[i])
+            if len(batch[0]) == size:
+                batch[2] = True
+                open_batches.remove(batch)
+            while batches and batches[0][2]:
+                yield batches.popleft()[0]
+        yield from (batch[0] for batch in batches)
+
+    def shrunk_batches(self) -> tuple[int, int, int]:
+        """(batches of this epoch, how many hold fewer than batch_size rows, the smallest of those), the last step's
+        batches aside (they hold what is left)."""
+        sizes = [len(batch) for batch in self]
+        small = [n for n in sizes[:-self.processes] if n < self.batch_size]
+        return len(sizes), len(small), min(small, default=self.batch_size)
 
     def __len__(self) -> int:
         if self.epoch not in self._len_cache:  # exact, since duplicates can make extra batches
@@ -209,3 +272,18 @@ def chunk_features(features: dict[str, Tensor], rows: slice | Tensor,
     if pad_to_multiple_of:
         length = padded_length(length, pad_to_multiple_of, mask.shape[1])
     return {k: v[:, :length] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v for k, v in chunk.items()}
+
+
+def degenerate_data(table: datasets.Dataset, loss_name: str, sampler: BatchSampler) -> list[str]:
+    """Warnings for a training table that trains little: nothing to rank, batches shrunk by no-duplicates."""
+    warnings = []
+    if loss_name == "cosent" and len(set(table[LABEL])) == 1:
+        warnings.append(f"data.train: every pair has the same score ({table[0][LABEL]:g}): CoSENT has nothing to "
+                        "rank, its loss is 0 and nothing trains")
+    if sampler.no_duplicates:
+        n_batches, n_small, smallest = sampler.shrunk_batches()
+        if n_small >= max(1, n_batches // 10) and smallest < sampler.batch_size / 2:  # a tenth of them, halved
+            warnings.append(f"data.no_duplicates: texts repeat in the table, so {n_small} of the {n_batches} batches "
+                            f"of an epoch hold fewer than {sampler.batch_size} rows (the smallest {smallest}): fewer "
+                            f"in-batch negatives")
+    return warnings

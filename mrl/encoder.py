@@ -88,10 +88,16 @@ class Encoder(nn.Module):
         over the full width before truncating, as some published Matryoshka models were trained; layer norm
         ignores the scale, so it is the same before or after the model's own normalisation.
         """
-        if isinstance(texts, str):
-            raise TypeError("encode expects a list of texts, got a single string")
-        if truncate_dim is not None and not 0 < truncate_dim <= self.embedding_dim:
-            raise ValueError(f"truncate_dim: must be in 1..{self.embedding_dim}, got {truncate_dim}")
+        if isinstance(texts, str) or texts is None:
+            raise TypeError(f"encode expects a list of texts, got {type(texts).__name__}")
+        not_text = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if not_text is not None:
+            raise TypeError(f"texts[{not_text}]: expected a string, got {texts[not_text]!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
+                                         or not 0 < truncate_dim <= self.embedding_dim):
+            raise ValueError(f"truncate_dim: expected an integer in 1..{self.embedding_dim}, got {truncate_dim!r}")
         if n_layers is not None and not 0 < n_layers <= self.num_layers:
             raise ValueError(f"n_layers: must be in 1..{self.num_layers}, got {n_layers}")
         was_training, device = self.training, next(self.parameters()).device
@@ -130,6 +136,10 @@ class Encoder(nn.Module):
         layout = read_layout(name_or_path)
         backbone = AutoModel.from_pretrained(name_or_path, subfolder=layout.subfolder, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder=layout.subfolder)
+        if len(tokenizer) * 10 < backbone.config.vocab_size:  # transformers builds one without a vocabulary
+            raise ValueError(f"{name_or_path}: its tokenizer knows {len(tokenizer)} tokens, its model "
+                             f"{backbone.config.vocab_size}: are its tokenizer files missing (tokenizer.json, "
+                             f"tokenizer_config.json, vocab.txt, ...)? Every word would be [UNK]")
         dense, activation = layout.dense, layout.dense_activation or dense_activation
         if dense_dim is not None:
             if dense is not None:

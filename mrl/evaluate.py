@@ -15,10 +15,12 @@ local files, through the mirror file as in train.py); retrieval data is a BEIR f
 import argparse
 import json
 import os
+import sys
 
 import torch
 import yaml
 
+from .cli import one_line_errors
 from .data import load_table
 from .report import markdown_table
 from .retrieval.data import load_beir, nli_retrieval_set
@@ -161,6 +163,7 @@ def from_run_results(paths: list[str], names: list[str]) -> dict:
 
 
 def main(argv=None):
+    sys.excepthook = one_line_errors  # an error a user can fix prints as one line (mrl/cli.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=[], help="model folder or hub id (repeat for several)")
     parser.add_argument("--name", action="append", default=[], help="a name per --model (default: the path)")

@@ -53,9 +53,10 @@ def _sum_dtype(x: Tensor) -> torch.dtype:
 
 def _prefix_norms(x: Tensor, dims: list[int]) -> Tensor:
     """‖x_i[:d]‖ for every d in `dims` from one cumulative sum of squares: (len(dims), N), floored at
-    F.normalize's eps."""
+    F.normalize's eps. The floor is taken before the square root (eps² under it): an all-zero prefix then has
+    a finite gradient, as through F.normalize, where √0 would give NaN."""
     ends = _last_columns(dims, x.device)
-    return x.to(_sum_dtype(x)).pow(2).cumsum(-1)[:, ends].T.sqrt().clamp_min(1e-12)
+    return x.to(_sum_dtype(x)).pow(2).cumsum(-1)[:, ends].T.clamp_min(1e-24).sqrt()
 
 
 def contrastive_losses_nested(embeddings: list[Tensor], labels: Tensor | None = None, *, dims: list[int],

@@ -99,9 +99,14 @@ def unreachable(kind: str, name: str, mirror: dict, error: Exception) -> Runtime
 
 def check_local_files(spec: dict, field: str) -> None:
     """Fail before any loading if a spec names local data files that do not exist."""
-    for path in _files(spec.get("data_files")):
-        if "://" not in path and not any(c in path for c in "*?[") and not os.path.exists(path):
+    for path in local_files(spec.get("data_files")):
+        if not os.path.exists(path):
             raise FileNotFoundError(f"{field}.data_files: no such file {path!r}")
+
+
+def local_files(data_files) -> list[str]:
+    """The plain local paths among a spec's data_files (no URLs, no glob patterns)."""
+    return [p for p in _files(data_files) if "://" not in p and not any(c in p for c in "*?[")]
 
 
 def _looks_like_path(name: str) -> bool:

@@ -57,3 +57,11 @@ def compile_forward(model: nn.Module, mode: str | None, max_length: int, pad_to_
     n_shapes = 4 * length_groups * math.ceil(max_length / pad_to_multiple_of)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, n_shapes)
     return torch.compile(model, mode=mode, dynamic=False)
+
+
+def describe(speed, cache_chunk_size: int | None, length_groups: int) -> str:
+    """How each batch is embedded, in words, for the log."""
+    return ((f"GradCache chunks of {cache_chunk_size} texts" if cache_chunk_size
+             else f"each batch embedded in {length_groups} length group(s)")
+            + (f", padded to multiples of {speed.pad_to_multiple_of} tokens" if speed.pad_to_multiple_of else "")
+            + (f", encoder compiled ({speed.compile})" if speed.compile else ""))

@@ -164,9 +164,12 @@ def test_load_table_sts_with_label(sts_csv, tmp_path):
     assert table[LABEL] == pytest.approx([r[2] / 5 for r in STS_ROWS])
 
 
-def test_load_table_without_score_max_keeps_labels(sts_csv, tmp_path):
-    table = load_table(spec_for(sts_csv, "csv", tmp_path), "data.train", needs_label=True)
-    assert table[LABEL] == pytest.approx([r[2] for r in STS_ROWS])
+def test_load_table_refuses_scores_outside_0_1_naming_the_row_and_score_max(sts_csv, tmp_path):
+    """Scores 0..5 without score_max: the log would say "label in [0, 1]"; an error names the row and the fix."""
+    first_outside = next(i for i, row in enumerate(STS_ROWS) if row[2] > 1)
+    with pytest.raises(ValueError, match=rf"sts.csv\): column 'score' row {first_outside}: .* outside \[0, 1\]; "
+                                         rf"set data.train.score_max"):
+        load_table(spec_for(sts_csv, "csv", tmp_path), "data.train", needs_label=True)
 
 
 def test_load_table_drops_label_when_not_needed(sts_csv, tmp_path):

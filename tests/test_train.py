@@ -16,20 +16,20 @@ STSB = SHARED / "data" / "stsb"
 
 
 def train_py(*settings, config="configs/default.yaml", launcher=(sys.executable,), resume=None, env=None,
-             timeout=600):
+             timeout=600, overwrite=False):
     """Run train.py with `--set` settings (through `launcher`), as a user would; the finished process."""
     args = [*launcher, "train.py", "--config", config, *[a for o in settings for a in ("--set", o)],
-            *(["--resume", str(resume)] if resume else [])]
+            *(["--resume", str(resume)] if resume else []), *(["--overwrite"] if overwrite else [])]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def run_train(tmp_path, model_dir, *overrides, launcher=(sys.executable,), resume=None):
+def run_train(tmp_path, model_dir, *overrides, launcher=(sys.executable,), resume=None, overwrite=False):
     """The default recipe on the tiny model: 3 steps of batch 8 on 64 STS-B pairs, evaluated on 40 dev pairs."""
     spec = f"{{path: csv, data_files: {{train: {STSB}/train.csv}}, split: 'train[:64]', score_max: 5}}"
     dev = f"{{path: csv, data_files: {{train: {STSB}/dev.csv}}, split: 'train[:40]', score_max: 5}}"
     return train_py(f"model.name={model_dir}", f"data.train={spec}", f"eval.dev={dev}", "eval.test=null",
                     "loss.dims=[32,16,8]", "train.max_steps=3", "train.batch_size=8", f"output_dir={tmp_path}/run",
-                    *overrides, launcher=launcher, resume=resume)
+                    *overrides, launcher=launcher, resume=resume, overwrite=overwrite)
 
 
 def test_short_run_writes_model_and_per_dim_results(tmp_path, tiny_model_dir):
