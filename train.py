@@ -134,6 +134,9 @@ if args.resume:
     resume_dir = find_checkpoint(args.resume, cfg.output_dir)
     check_resumable(resume_dir, cfg.to_dict())  # the same model, data, loss and optimisation, or an error
     accelerator.load_state(resume_dir)
+    if progress.step >= total_steps:
+        raise ValueError(f"--resume: {resume_dir} is at step {progress.step} and this run ends at step {total_steps} "
+                         f"(train.max_steps, train.epochs): nothing is left to train")
     accelerator.print(f"resumed from {resume_dir} at step {progress.step} (epoch {progress.epoch})")
 
 

@@ -132,6 +132,8 @@ def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path, tiny_
     message = last_line(other)
     assert "was trained with other settings" in message and "train.lr: 2e-05 there, 0.001 here" in message
     assert "loss:" in message  # the dims differ: the loss section is named
+    done = run_train(tmp_path, tiny_model_dir, "train.max_steps=2", resume="latest")
+    assert done.returncode != 0 and "is at step 2 and this run ends at step 2" in last_line(done)
     longer = run_train(tmp_path, tiny_model_dir, "train.max_steps=4", "train.save_every=1", resume="latest")
     assert longer.returncode == 0, longer.stderr[-2000:]  # more steps of the same training are fine
     assert "resumed from" in longer.stdout and "at step 2" in longer.stdout
