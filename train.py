@@ -102,8 +102,8 @@ optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim >= 2],
                               lr=cfg.train.lr, fused=accelerator.device.type in ("cuda", "cpu"))  # one kernel, not ~10 per tensor
 steps_per_epoch = math.ceil(len(loader) / (accelerator.num_processes * cfg.train.grad_accum))
 total_steps = min(cfg.train.epochs * steps_per_epoch, cfg.train.max_steps or math.inf)
-# a prepared scheduler steps once per process per optimiser step, hence the factor
-scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total_steps) * accelerator.num_processes,
+# warm-up steps rounded up, as the reference trainer does; a prepared scheduler steps once per process per step
+scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.train.warmup_ratio * total_steps) * accelerator.num_processes,
                                             total_steps * accelerator.num_processes)
 model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 forward = compile_forward(model, cfg.speed.compile, collate.max_length, cfg.speed.pad_to_multiple_of, length_groups)

@@ -22,6 +22,7 @@ from .two_d import check_layers_per_step
 from .variants import DIM_WEIGHT_RULES, check_dim_sampling, check_distillation
 
 STSB = "sentence-transformers/stsb"
+DTYPES = ("float32", "float64", "bfloat16", "float16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
@@ -32,6 +33,7 @@ class ModelConfig:
     normalize: bool | None = None  # L2-normalise the output; None: as the saved model says (True for plain HF)
     dense_dim: int | None = None  # add a new Dense projection head to this width (the reduced-dim recipe)
     dense_activation: str = "tanh"
+    dtype: str = "float32"  # the weights' dtype: float32 | float64 | bfloat16 | float16 (mixed precision: train.*)
 
 
 @dataclass
@@ -314,6 +316,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"loss.two_d.layers_per_step: must be >= 1, got {loss.two_d.layers_per_step}")
     if cfg.eval.dims is not None:
         check_dims(cfg.eval.dims, field="eval.dims")
+    if cfg.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype: expected one of {' | '.join(DTYPES)}, got {cfg.model.dtype!r}")
     for name, value in (("model.max_seq_length", cfg.model.max_seq_length), ("model.dense_dim", cfg.model.dense_dim)):
         if value is not None and value < 1:
             raise ValueError(f"{name}: must be >= 1 or null, got {value}")

@@ -17,6 +17,7 @@ tried), so one mirror file serves machines with and without the copies.
 
 import os
 
+import torch
 import yaml
 
 MIRROR_ENV = "MRL_MIRROR"
@@ -73,7 +74,8 @@ def load_encoder(model_config, mirror: dict):
     try:
         return Encoder.from_pretrained(path, max_seq_length=model_config.max_seq_length,
                                        normalize=model_config.normalize, dense_dim=model_config.dense_dim,
-                                       dense_activation=model_config.dense_activation)
+                                       dense_activation=model_config.dense_activation,
+                                       dtype=getattr(torch, model_config.dtype))
     except OSError as error:  # what transformers raises for a hub id it cannot reach
         if os.path.isdir(path):  # a local folder that is broken: transformers' own error says how
             raise
