@@ -31,6 +31,7 @@ from mrl.monitor import StepMonitor
 from mrl.objective import Objective
 from mrl.report import markdown_table, result_rows
 from mrl.run_folder import DimsLog, Progress, check_resumable, find_checkpoint, prepare, save_checkpoint, write_outputs
+from mrl.sharding import full_model, is_sharded
 from mrl.sources import load_encoder, load_mirror
 from mrl.speed import compile_forward, describe, embed_by_length, length_groups_for
 from mrl.sts import evaluate_sts
@@ -59,7 +60,7 @@ prepare(accelerator, cfg.output_dir, args.resume, args.overwrite)  # writable, a
 mirror = load_mirror(cfg.mirror)
 
 # -- model: loaded first, so the config is checked against it (width, layers, length) before any data is read
-model = load_encoder(cfg.model, mirror)
+model = load_encoder(cfg.model, mirror, cfg.train.gradient_checkpointing)  # with LoRA adapters if asked
 check_against_model(cfg, model, accelerator.device)
 accelerator.print(f"model: {model.name_or_path} ({model.embedding_dim} dims, max_seq_length {model.max_seq_length})")
 
@@ -78,7 +79,8 @@ sampler = BatchSampler(list(zip(*(train_table[c] for c in columns))), cfg.train.
                        cfg.train.drop_last, cfg.train.seed, processes=accelerator.num_processes)
 for warning in config_warnings(cfg) + degenerate_data(train_table, cfg.loss.name, sampler):
     accelerator.print(f"warning: {warning}")
-collate = Collator(columns, model.tokenizer, model.max_seq_length, cfg.speed.pad_to_multiple_of)
+collate = Collator(columns, model.tokenizer, model.max_seq_length, cfg.speed.pad_to_multiple_of,
+                   *model.column_prompts(cfg.data.prompts))  # the prompt of each column, if any
 with accelerator.main_process_first():  # token ids once, up front (cached): no tokenizer in the training steps
     train_table = collate.pretokenize(train_table)
 # the loader's own generator: starting an epoch's iterator then draws no number from the global RNG, so dropout
@@ -147,9 +149,9 @@ def evaluate(split: str, step: int, n_layers: int | None = None) -> dict[int, fl
     """Per-dim Spearman on one eval table, on the main process (the other processes wait), logged as tracker
     scalars eval/<split>/spearman[/layers<k>]/d<dim>."""
     scores = {}
-    if accelerator.is_main_process:
+    if accelerator.is_main_process or is_sharded(accelerator):  # a sharded model runs on every process
         scores = evaluate_sts(accelerator.unwrap_model(model), eval_tables[split], eval_dims, cfg.eval.batch_size,
-                              n_layers=n_layers)
+                              n_layers=n_layers, prompt=cfg.eval.prompt)
     accelerator.wait_for_everyone()
     tag = f"eval/{split}/spearman" + (f"/layers{n_layers}" if n_layers else "")
     accelerator.log({f"{tag}/d{d}": s for d, s in scores.items()}, step=step)
@@ -237,11 +239,11 @@ for split in eval_tables:
         results[split][f"after training, {n_layers} layers"] = evaluate(split, progress.step, n_layers)
 if cfg.loss.matryoshka:
     results["train"]["dim_weights"] = objective.matryoshka.current_weights()  # learned: where they ended
+trained = full_model(accelerator, model, rebuild=lambda: load_encoder(cfg.model, mirror))  # FSDP: gathered
 if accelerator.is_main_process:
     command = shlex.join(["accelerate", "launch", "train.py", "--config", args.config,
                           *[a for override in args.set for a in ("--set", override)]])
-    write_outputs(cfg.output_dir, accelerator.unwrap_model(model), cfg.to_dict(), results, command,
-                  cfg.loss.dims if cfg.loss.matryoshka else None)
+    write_outputs(cfg.output_dir, trained, cfg.to_dict(), results, command, cfg.loss.dims if cfg.loss.matryoshka else None)
     accelerator.print(f"\n{markdown_table(result_rows(results))}\n\nwrote {cfg.output_dir}/model, results.json, "
                       f"results.md ({results['train']['samples_per_second']} samples/s)")
 accelerator.end_training()

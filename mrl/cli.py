@@ -8,7 +8,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-USER_ERRORS = (ValueError, TypeError, OSError, ArithmeticError)
+USER_ERRORS = (ValueError, TypeError, OSError, ArithmeticError, ImportError)
 
 
 def one_line_errors(kind, error, traceback) -> None:

@@ -18,6 +18,7 @@ import yaml
 from . import losses
 from .losses import LOSSES
 from .matryoshka import check_dims, check_weights
+from .pooling import POOLING_MODES
 from .two_d import check_layers_per_step
 from .variants import DIM_WEIGHT_RULES, check_dim_sampling, check_distillation
 
@@ -34,12 +35,30 @@ class ModelConfig:
     dense_dim: int | None = None  # add a new Dense projection head to this width (the reduced-dim recipe)
     dense_activation: str = "tanh"
     dtype: str = "float32"  # the weights' dtype: float32 | float64 | bfloat16 | float16 (mixed precision: train.*)
+    pooling: str | None = None  # mean | cls | lasttoken; None: as the saved model says (a plain HF model: mean)
+    include_prompt: bool | None = None  # False: prompt tokens left out of the pooled embedding; None: as saved
+    prompts: dict | None = None  # named prompts added to the model's and saved with it, e.g. {query: "query: "}
+    append_eos: bool = False  # end every text with the EOS token (last-token pooling of decoders that need it)
+    lora: "LoraConfig" = field(default_factory=lambda: LoraConfig())
+
+
+@dataclass
+class LoraConfig:  # model.lora: train low-rank adapters instead of the backbone's weights (peft; mrl/lora.py)
+    enabled: bool = False
+    r: int = 16  # the adapters' rank
+    alpha: float = 32.0  # their scale is alpha / r
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"  # which of the backbone's Linear layers get an adapter
+    save: str = "merged"  # merged: the adapters merged into the weights, a plain model | adapter: the adapter alone
 
 
 @dataclass
 class DataConfig:
     train: dict = field(default_factory=lambda: {"path": STSB, "split": "train"})
     no_duplicates: bool | None = None  # a text appears at most once per batch; None: on for contrastive losses
+    # a prompt per text column: a name of the model's prompts (model.prompts) or the text itself,
+    # e.g. {anchor: query, positive: document, negative: document}
+    prompts: dict | None = None
     num_workers: int = 0  # DataLoader workers (tokenisation happens in the collate function)
 
 
@@ -100,6 +119,7 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N optimiser steps (0: only at the end)
     # GradCache (mrl/gradcache.py): embed the batch in chunks of this many texts, exactly; memory of one chunk
     cache_chunk_size: int | None = None
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, more time
 
 
 @dataclass
@@ -122,6 +142,7 @@ class EvalConfig:
     test: dict | None = field(default_factory=lambda: {"path": STSB, "split": "test"})
     dims: list[int] | None = None  # None: loss.dims
     layers: list[int] | None = None  # also evaluate the embeddings of the first k layers, for each k here (2D)
+    prompt: str | None = None  # a prompt for both sentences of the STS pairs: a name of the model's prompts, or text
     every: int = 0  # evaluate on dev every N optimiser steps (0: at the start and end only)
     at_start: bool = True  # evaluate the untrained model too (the "before training" row)
     batch_size: int = 128
@@ -316,6 +337,17 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"loss.two_d.layers_per_step: must be >= 1, got {loss.two_d.layers_per_step}")
     if cfg.eval.dims is not None:
         check_dims(cfg.eval.dims, field="eval.dims")
+    if cfg.model.pooling is not None and cfg.model.pooling not in POOLING_MODES:
+        raise ValueError(f"model.pooling: expected one of {' | '.join(POOLING_MODES)} or null, got {cfg.model.pooling!r}")
+    lora = cfg.model.lora
+    if lora.enabled and (lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1):
+        raise ValueError(f"model.lora: r must be >= 1, alpha > 0 and dropout in [0, 1), got r={lora.r}, "
+                         f"alpha={lora.alpha}, dropout={lora.dropout}")
+    if lora.save not in ("merged", "adapter"):
+        raise ValueError(f"model.lora.save: expected merged | adapter, got {lora.save!r}")
+    for name, prompts in (("model.prompts", cfg.model.prompts), ("data.prompts", cfg.data.prompts)):
+        if prompts is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+            raise ValueError(f"{name}: expected a mapping of names to texts, got {prompts!r}")
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype: expected one of {' | '.join(DTYPES)}, got {cfg.model.dtype!r}")
     for name, value in (("model.max_seq_length", cfg.model.max_seq_length), ("model.dense_dim", cfg.model.dense_dim)):
@@ -395,6 +427,9 @@ def check_train_columns(cfg: Config, columns: list[str]) -> None:
         losses.check_columns(cfg.loss.name, len(columns))
     except ValueError as error:
         raise ValueError(f"data.train.columns: {error}; the table has {columns}") from None
+    unknown = sorted(set(cfg.data.prompts or {}) - set(columns))
+    if unknown:
+        raise ValueError(f"data.prompts: no text column {unknown} in the training table; it has {columns}")
 
 
 def config_warnings(cfg: Config) -> list[str]:

@@ -207,45 +207,56 @@ class BatchSampler:
 
 class Collator:
     """Rows -> one tokenised batch of every text column, column after column (one encoder forward for all),
-    padded to this batch's longest text; plus the labels, if the table has them.
+    padded (on the tokenizer's padding side) to this batch's longest text; plus the labels, if the table has them.
 
     Rows of a table made by `pretokenize` bring their token ids, and are only padded here (tokenising once
     up front takes the tokenizer out of every step); other rows are tokenised here. Both give the same batch.
     pad_to_multiple_of=m pads further, up to a multiple of m tokens but at most max_length, so that batches
     come in a few shapes (for torch.compile and CUDA graphs); the extra columns are masked padding.
+    prompts: {column: text} prepended to that column's texts; prompt_lengths: {column: the prompt's tokens},
+    given to the encoder as `prompt_length` (k·B,), to leave them out of the pooled embedding if it does.
     """
 
-    def __init__(self, columns: list[str], tokenizer, max_length: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, columns: list[str], tokenizer, max_length: int, pad_to_multiple_of: int | None = None,
+                 prompts: dict[str, str] | None = None, prompt_lengths: dict[str, int] | None = None):
         self.columns, self.tokenizer, self.max_length = columns, tokenizer, max_length
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.prompts, self.prompt_lengths = prompts or {}, prompt_lengths or {}
+
+    def texts(self, column: str, texts: list[str]) -> list[str]:
+        return [self.prompts.get(column, "") + t for t in texts]
 
     def pretokenize(self, table: datasets.Dataset) -> datasets.Dataset:
         """The table plus the token ids of every text column (`<column>.ids`), by datasets.map (cached on disk
-        for a file-backed table, so later runs read them). A tokenizer that pads on the left keeps the table
-        as it is (its batches are tokenised per step): __call__ pads ids on the right."""
-        if self.tokenizer.padding_side != "right":
-            return table
+        for a file-backed table, so later runs read them)."""
         def encode(rows: dict) -> dict:
-            return {c + IDS: self.tokenizer(rows[c], truncation=True, max_length=self.max_length)["input_ids"]
-                    for c in self.columns}
+            return {c + IDS: self.tokenizer(self.texts(c, rows[c]), truncation=True, max_length=self.max_length)[
+                "input_ids"] for c in self.columns}
         return table.map(encode, batched=True, desc="tokenise")
 
     def __call__(self, rows: list[dict]) -> dict[str, Tensor]:
         if self.columns[0] + IDS in rows[0]:
             ids = [torch.tensor(row[c + IDS]) for c in self.columns for row in rows]  # column-major: (k·B,)
-            input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.tokenizer.pad_token_id)
-            lengths = torch.tensor([len(i) for i in ids])
+            left = self.tokenizer.padding_side == "left"
+            input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.tokenizer.pad_token_id,
+                                                        padding_side="left" if left else "right")
+            lengths, positions = torch.tensor([len(i) for i in ids]), torch.arange(input_ids.shape[1])
             batch = {"input_ids": input_ids}
             if "token_type_ids" in self.tokenizer.model_input_names:
                 batch["token_type_ids"] = torch.zeros_like(input_ids)
-            batch["attention_mask"] = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
+            real = positions >= input_ids.shape[1] - lengths[:, None] if left else positions < lengths[:, None]
+            batch["attention_mask"] = real.long()
         else:
-            texts = [row[c] for c in self.columns for row in rows]  # column-major: (k·B,)
+            texts = [t for c in self.columns for t in self.texts(c, [row[c] for row in rows])]  # column-major
             batch = dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                         return_tensors="pt"))
         if self.pad_to_multiple_of:
             batch = pad_columns(batch, padded_length(batch["input_ids"].shape[1], self.pad_to_multiple_of,
-                                                     self.max_length), self.tokenizer.pad_token_id)
+                                                     self.max_length), self.tokenizer.pad_token_id,
+                                self.tokenizer.padding_side)
+        if self.prompt_lengths:
+            batch["prompt_length"] = torch.tensor([self.prompt_lengths.get(c, 0) for c in self.columns
+                                                   for _ in rows])
         if LABEL in rows[0]:
             batch["labels"] = torch.tensor([row[LABEL] for row in rows], dtype=torch.float32)
         return batch
@@ -256,22 +267,28 @@ def padded_length(length: int, multiple: int, limit: int) -> int:
     return max(length, min(-(-length // multiple) * multiple, limit))
 
 
-def pad_columns(features: dict[str, Tensor], length: int, pad_token_id: int) -> dict[str, Tensor]:
-    """A right-padded batch padded on to `length` columns: input ids with the pad token, the rest with 0."""
+def pad_columns(features: dict[str, Tensor], length: int, pad_token_id: int, side: str = "right") -> dict[str, Tensor]:
+    """A padded batch padded on to `length` columns on `side`: input ids with the pad token, the rest with 0."""
     extra = length - features["input_ids"].shape[1]
-    return {k: F.pad(v, (0, extra), value=pad_token_id if k == "input_ids" else 0) for k, v in features.items()}
+    widths = (extra, 0) if side == "left" else (0, extra)
+    return {k: F.pad(v, widths, value=pad_token_id if k == "input_ids" else 0) if v.dim() == 2 else v
+            for k, v in features.items()}
 
 
 def chunk_features(features: dict[str, Tensor], rows: slice | Tensor,
                    pad_to_multiple_of: int | None = None) -> dict[str, Tensor]:
-    """Rows of a tokenised batch, without the padding columns that no row of the chunk needs (right padding);
-    with pad_to_multiple_of=m, keeping enough of them to make a multiple of m (at most the batch's width)."""
+    """Rows of a tokenised batch, without the padding columns that no row of the chunk needs (at the end under
+    right padding, at the start under left padding); with pad_to_multiple_of=m, keeping enough of them to make
+    a multiple of m (at most the batch's width)."""
     chunk = {k: v[rows] for k, v in features.items()}
     mask = chunk["attention_mask"]
-    length = int(mask.any(0).nonzero().max()) + 1  # last column that holds a real token of some row
+    width = mask.shape[1]
+    used = mask.any(0).nonzero()
+    start, end = int(used.min()), int(used.max()) + 1  # the columns that hold a real token of some row
     if pad_to_multiple_of:
-        length = padded_length(length, pad_to_multiple_of, mask.shape[1])
-    return {k: v[:, :length] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v for k, v in chunk.items()}
+        length = padded_length(end - start, pad_to_multiple_of, width)
+        start, end = (start, start + length) if start == 0 else (end - length, end)  # right, or left, padding
+    return {k: v[:, start:end] if v.dim() == 2 and v.shape[1] == width else v for k, v in chunk.items()}
 
 
 def degenerate_data(table: datasets.Dataset, loss_name: str, sampler: BatchSampler) -> list[str]:

@@ -82,7 +82,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, config: dict, model
     """accelerator.save_state into checkpoints/step_<step>, with the resolved config beside it (nanoGPT's
     habit: the config travels with every checkpoint); complete or not there at all, and never of a model
     with a non-finite parameter."""
-    check_finite_parameters(model, f"step {step}")
+    check_finite_parameters(model, f"step {step}", accelerator)
     path = os.path.join(output_dir, "checkpoints", f"step_{step}")
     if accelerator.is_main_process:  # what a killed run left of this step's write goes first
         shutil.rmtree(path + INCOMPLETE, ignore_errors=True)
@@ -175,9 +175,14 @@ def write_outputs(output_dir: str, model, config: dict, results: dict, command: 
     os.rmdir(staging)
 
 
-def check_finite_parameters(model, when: str) -> None:
-    """Raise NonFiniteLoss, saving nothing, if a parameter of `model` is NaN or infinite."""
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+def check_finite_parameters(model, when: str, accelerator=None) -> None:
+    """Raise NonFiniteLoss, saving nothing, if a parameter of `model` is NaN or infinite. With `accelerator`,
+    every process checks its own part (a shard, under FSDP) and all of them raise if any part is bad."""
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731  a shard of a sharded weight
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(local(p)).all()]
+    if accelerator is not None and accelerator.num_processes > 1:
+        if accelerator.reduce(torch.tensor(len(bad), device=accelerator.device), "sum").item() and not bad:
+            bad = ["(on another process)"]
     if bad:
         raise NonFiniteLoss(f"training diverged: at {when}, {len(bad)} parameter tensors hold NaN or inf values "
                             f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); nothing was saved. Lower "

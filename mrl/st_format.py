@@ -1,22 +1,28 @@
 """The sentence-transformers folder layout, read and written with our own code (sentence-transformers is never
 imported): the Hugging Face backbone and tokenizer at the folder's root (or in 0_Transformer/), modules.json
-listing the modules, 1_Pooling/config.json, 2_Dense/ (config and weights) when there is a projection head,
-a Normalize module, sentence_bert_config.json (max_seq_length) and config_sentence_transformers.json
+listing the modules, 1_Pooling/config.json (the pooling mode, in the older pooling_mode_* flags or the newer
+pooling_mode field, and include_prompt), 2_Dense/ (config and weights) when there is a projection head, a
+Normalize module, sentence_bert_config.json (max_seq_length) and config_sentence_transformers.json
 (similarity function, prompts, the Matryoshka dims). Folders or hub ids.
 """
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .pooling import POOLING_MODES
+
 ACTIVATIONS = {"tanh": nn.Tanh, "identity": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU}
 ST_ACTIVATION_NAMES = {"tanh": "torch.nn.modules.activation.Tanh", "identity": "torch.nn.modules.linear.Identity",
                        "relu": "torch.nn.modules.activation.ReLU", "gelu": "torch.nn.modules.activation.GELU"}
 ST_MODULE_KINDS = ("Transformer", "Pooling", "Dense", "Normalize")
+LEGACY_POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",  # flag -> mode
+                        "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                        "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
 
 
 @dataclass
@@ -27,11 +33,15 @@ class Layout:
     dense: nn.Linear | None = None  # the projection head, loaded
     dense_activation: str | None = None  # its activation, a key of ACTIVATIONS
     normalize: bool = True  # a Normalize module (a plain HF folder, with no modules.json: True)
+    pooling: str = "mean"  # a mode of mrl.pooling.POOLING_MODES
+    include_prompt: bool = True  # False: a prompt's tokens are left out of the pooled embedding
+    prompts: dict = field(default_factory=dict)  # named prompts, e.g. {"query": "query: "}
+    default_prompt_name: str | None = None
 
 
 def read_layout(name_or_path: str) -> Layout:
-    """The modules of a sentence-transformers folder, or the defaults for a plain HF model. Only mean pooling,
-    Dense and Normalize can run in mrl: any other module is an error that names it."""
+    """The modules of a sentence-transformers folder, or the defaults for a plain HF model. Only Pooling (mean,
+    cls, lasttoken), Dense and Normalize can run in mrl: any other module or mode is an error naming it."""
     modules = _read_json(name_or_path, "modules.json")
     st = _read_json(name_or_path, "sentence_bert_config.json") or {}
     layout = Layout(normalize=not modules)
@@ -40,7 +50,9 @@ def read_layout(name_or_path: str) -> Layout:
         if kind == "Transformer":
             layout.subfolder = module.get("path", "")
         elif kind == "Pooling":
-            _check_mean_pooling(_read_json(name_or_path, f"{module['path']}/config.json") or {}, name_or_path)
+            config = _read_json(name_or_path, f"{module['path']}/config.json") or {}
+            layout.pooling = pooling_mode(config, name_or_path)
+            layout.include_prompt = config.get("include_prompt", True)
         elif kind == "Dense":
             layout.dense, layout.dense_activation = _load_dense(name_or_path, module["path"])
         elif kind == "Normalize":
@@ -48,18 +60,22 @@ def read_layout(name_or_path: str) -> Layout:
     if layout.subfolder and not st:
         st = _read_json(name_or_path, f"{layout.subfolder}/sentence_bert_config.json") or {}
     layout.max_seq_length = st.get("max_seq_length")
+    sentence_transformers = _read_json(name_or_path, "config_sentence_transformers.json") or {}
+    layout.prompts = sentence_transformers.get("prompts") or {}
+    layout.default_prompt_name = sentence_transformers.get("default_prompt_name")
     return layout
 
 
 def write_layout(path: str, hidden_size: int, max_seq_length: int, normalize: bool, dense: nn.Linear | None,
-                 dense_activation: str, matryoshka_dims: list[int] | None) -> None:
-    """Every file of the layout except the backbone's and the tokenizer's (Encoder.save writes those)."""
+                 dense_activation: str, matryoshka_dims: list[int] | None, layout: Layout) -> None:
+    """Every file of the layout except the backbone's and the tokenizer's (Encoder.save writes those); the
+    pooling, prompts and default prompt come from `layout`."""
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    flags = {flag: mode == layout.pooling for flag, mode in LEGACY_POOLING_FLAGS.items()}  # what older readers read
     _write_json(os.path.join(path, "1_Pooling", "config.json"), {
-        "word_embedding_dimension": hidden_size, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
-        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
-        "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False, "include_prompt": True})
+        "word_embedding_dimension": hidden_size, **flags, "pooling_mode": layout.pooling,
+        "include_prompt": layout.include_prompt})
     if dense is not None:
         modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
         _write_json(os.path.join(path, "2_Dense", "config.json"), {
@@ -75,7 +91,7 @@ def write_layout(path: str, hidden_size: int, max_seq_length: int, normalize: bo
     _write_json(os.path.join(path, "sentence_bert_config.json"), {"max_seq_length": max_seq_length,
                                                                   "do_lower_case": False})
     _write_json(os.path.join(path, "config_sentence_transformers.json"), {
-        "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine",
+        "prompts": layout.prompts, "default_prompt_name": layout.default_prompt_name, "similarity_fn_name": "cosine",
         "matryoshka_dims": sorted(matryoshka_dims, reverse=True) if matryoshka_dims else None})
 
 
@@ -90,13 +106,17 @@ def _module_kind(module: dict, name_or_path: str) -> str:
     return kind
 
 
-def _check_mean_pooling(config: dict, name_or_path: str) -> None:
-    modes = [k for k, v in config.items() if k.startswith("pooling_mode_") and v]
-    if "pooling_mode" in config:  # sentence-transformers >= 6 writes {"pooling_mode": "mean"}
-        modes = ["pooling_mode_mean_tokens" if config["pooling_mode"] == "mean" else f"pooling_mode={config['pooling_mode']}"]
-    if modes != ["pooling_mode_mean_tokens"]:
-        raise ValueError(f"{name_or_path}: its Pooling module asks for {modes or 'no pooling'}; mrl implements "
-                         "mean pooling (pooling_mode_mean_tokens) only")
+def pooling_mode(config: dict, name_or_path: str) -> str:
+    """The one pooling mode of a Pooling config (the newer `pooling_mode` field, else the older flags), or an
+    error naming what mrl cannot run (max, weighted mean, several modes at once)."""
+    if "pooling_mode" in config:
+        modes = config["pooling_mode"] if isinstance(config["pooling_mode"], list) else [config["pooling_mode"]]
+    else:
+        modes = [mode for flag, mode in LEGACY_POOLING_FLAGS.items() if config.get(flag)] or ["mean"]
+    if len(modes) != 1 or modes[0] not in POOLING_MODES:
+        raise ValueError(f"{name_or_path}: its Pooling module asks for {' + '.join(map(str, modes))}; mrl implements "
+                         f"one of {', '.join(POOLING_MODES)}")
+    return modes[0]
 
 
 def _load_dense(name_or_path: str, subdir: str) -> tuple[nn.Linear, str]:

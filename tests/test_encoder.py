@@ -279,22 +279,36 @@ def test_transformer_not_at_root_raises(saved_dir):
         Encoder.from_pretrained(str(saved_dir))
 
 
-@pytest.mark.parametrize("mode", ["pooling_mode_cls_token", "pooling_mode_max_tokens", "pooling_mode_lasttoken"])
-def test_non_mean_pooling_raises(saved_dir, mode):
-    config_path = saved_dir / "1_Pooling" / "config.json"
-    config = json.loads(config_path.read_text())
-    config.update({"pooling_mode_mean_tokens": False, mode: True})
-    config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=mode):
+def legacy_pooling_config(flag):
+    return {"word_embedding_dimension": TINY_HIDDEN, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
+            "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False, flag: True}
+
+
+@pytest.mark.parametrize("flag, mode", [("pooling_mode_max_tokens", "max"),
+                                        ("pooling_mode_weightedmean_tokens", "weightedmean"),
+                                        ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len_tokens")])
+def test_a_pooling_mrl_cannot_run_raises_naming_it(saved_dir, flag, mode):
+    write_pooling_config(saved_dir, legacy_pooling_config(flag))
+    with pytest.raises(ValueError, match=f"asks for {mode}; mrl implements one of mean, cls, lasttoken"):
         Encoder.from_pretrained(str(saved_dir))
 
 
+@pytest.mark.parametrize("flag, mode", [("pooling_mode_cls_token", "cls"), ("pooling_mode_lasttoken", "lasttoken"),
+                                        ("pooling_mode_mean_tokens", "mean")])
+def test_each_pooling_mode_is_read_from_the_older_flags_and_the_newer_field(saved_dir, flag, mode):
+    write_pooling_config(saved_dir, legacy_pooling_config(flag))
+    assert Encoder.from_pretrained(str(saved_dir)).pooling == mode
+    write_pooling_config(saved_dir, {"embedding_dimension": TINY_HIDDEN, "pooling_mode": mode, "include_prompt": False})
+    loaded = Encoder.from_pretrained(str(saved_dir))
+    assert (loaded.pooling, loaded.include_prompt) == (mode, False)
+
+
 def test_mean_plus_another_pooling_mode_raises(saved_dir):
-    config_path = saved_dir / "1_Pooling" / "config.json"
-    config = json.loads(config_path.read_text())
-    config["pooling_mode_cls_token"] = True
-    config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="pooling_mode_cls_token"):
+    config = legacy_pooling_config("pooling_mode_cls_token")
+    config["pooling_mode_mean_tokens"] = True
+    write_pooling_config(saved_dir, config)
+    with pytest.raises(ValueError, match=r"asks for cls \+ mean"):
         Encoder.from_pretrained(str(saved_dir))
 
 
@@ -404,12 +418,12 @@ def test_new_style_mean_pooling_config_loads(saved_dir):
     torch.testing.assert_close(Encoder.from_pretrained(str(saved_dir)).encode(TEXTS), expected, rtol=0, atol=1e-6)
 
 
-def test_new_style_cls_pooling_config_raises_naming_it(saved_dir):
-    write_pooling_config(saved_dir, {"embedding_dimension": TINY_HIDDEN, "pooling_mode": "cls",
+def test_new_style_max_pooling_config_raises_naming_it(saved_dir):
+    write_pooling_config(saved_dir, {"embedding_dimension": TINY_HIDDEN, "pooling_mode": "max",
                                      "include_prompt": True})
     with pytest.raises(ValueError) as info:
         Encoder.from_pretrained(str(saved_dir))
-    assert "cls" in str(info.value).replace(str(saved_dir), "<model>")  # the message, not the folder, names it
+    assert "max" in str(info.value).replace(str(saved_dir), "<model>")  # the message, not the folder, names it
 
 
 @pytest.mark.parametrize("variant", ["plain", "dense"])

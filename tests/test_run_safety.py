@@ -39,7 +39,8 @@ def checkpoints(run) -> list[str]:
 # --- 1. a diverging run stops, names the step, saves nothing after it; results.json is strict JSON ------------------
 
 def test_a_diverging_run_stops_at_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir):
-    proc = run_train(tmp_path, tiny_model_dir, "train.lr=1e6", "train.save_every=1", "train.max_steps=4")
+    proc = run_train(tmp_path, tiny_model_dir, "train.lr=1e6", "train.warmup_ratio=0", "train.save_every=1",
+                     "train.max_steps=4")
     assert proc.returncode != 0
     message = last_line(proc)
     assert message.startswith("train.py: NonFiniteLoss: training diverged at step 2: loss nan")

@@ -23,13 +23,14 @@ def train_py(*settings, config="configs/default.yaml", launcher=(sys.executable,
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def run_train(tmp_path, model_dir, *overrides, launcher=(sys.executable,), resume=None, overwrite=False):
+def run_train(tmp_path, model_dir, *overrides, launcher=(sys.executable,), resume=None, overwrite=False,
+              config="configs/default.yaml"):
     """The default recipe on the tiny model: 3 steps of batch 8 on 64 STS-B pairs, evaluated on 40 dev pairs."""
     spec = f"{{path: csv, data_files: {{train: {STSB}/train.csv}}, split: 'train[:64]', score_max: 5}}"
     dev = f"{{path: csv, data_files: {{train: {STSB}/dev.csv}}, split: 'train[:40]', score_max: 5}}"
     return train_py(f"model.name={model_dir}", f"data.train={spec}", f"eval.dev={dev}", "eval.test=null",
                     "loss.dims=[32,16,8]", "train.max_steps=3", "train.batch_size=8", f"output_dir={tmp_path}/run",
-                    *overrides, launcher=launcher, resume=resume, overwrite=overwrite)
+                    *overrides, launcher=launcher, resume=resume, overwrite=overwrite, config=config)
 
 
 def test_short_run_writes_model_and_per_dim_results(tmp_path, tiny_model_dir):

@@ -1,0 +1,119 @@
+"""Fully sharded data parallel (torch's FSDP2, `fully_shard`: what Accelerate's FSDP2 plugin applies) on 2 CPU
+processes (gloo) equals 1 process on the same global batch: the loss and every parameter's gradient, in
+float64, for the Matryoshka contrastive loss with cross-device negatives, plain and through GradCache, on an
+encoder and on a decoder. Each process holds half of every parameter; its gradient shard is compared with the
+same slice of the single-process gradient."""
+
+import os
+from functools import partial
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mrl import Encoder
+from mrl.dist import gather_columns
+from mrl.gradcache import cached_backward
+from mrl.losses import contrastive_loss
+from mrl.matryoshka import MatryoshkaLoss
+from mrl.nested import contrastive_losses_nested
+from test_gradcache import ANCHORS, NEGATIVES, POSITIVES
+
+WORLD = 2
+
+
+def matryoshka():
+    return MatryoshkaLoss(partial(contrastive_loss, scale=20.0), [32, 16, 8], [1.0, 0.5, 2.0],
+                          nested_loss=partial(contrastive_losses_nested, scale=20.0))
+
+
+def load(model_dir, pooling):
+    torch.manual_seed(0)
+    model = Encoder.from_pretrained(model_dir, pooling=pooling, append_eos=pooling == "lasttoken").double().eval()
+    # right padding: a text keeps its positions in any batch. (Left padding shifts them by the batch's longest
+    # text; RoPE is shift-invariant, but computed in float32, so to 1e-8 only: not what this test measures.)
+    model.tokenizer.padding_side = "right"
+    return model
+
+
+def layers(model):
+    """The backbone's transformer blocks: each its own FSDP unit, as Accelerate's transformer wrap policy does."""
+    return [m for name, m in model.backbone.named_modules() if name.rsplit(".", 1)[-1].isdigit()
+            and name.rsplit(".", 1)[0].endswith(("layer", "layers"))]
+
+
+def worker(rank, model_dir, pooling, init_file, out_dir, chunk_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model = load(model_dir, pooling)
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for block in layers(model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        per_rank = len(ANCHORS) // WORLD
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        features = dict(model.tokenize([t for column in (ANCHORS, POSITIVES, NEGATIVES) for t in column[rows]]))
+        loss_fn = matryoshka()
+
+        def gathered_loss(embeddings):  # cross-device negatives: each anchor against every process's candidates
+            all_columns, own_rows = gather_columns(embeddings)
+            return loss_fn(all_columns, rows=own_rows)
+
+        if chunk_size:
+            def no_sync():  # FSDP2's no_sync: gradients reduce-scattered once, after the last chunk's backward
+                model.set_requires_gradient_sync(False)
+                return _Restore(model)
+
+            loss, _ = cached_backward(model, features, 3, gathered_loss, chunk_size, backward=lambda l: l.backward(),
+                                      no_sync=no_sync)
+        else:
+            loss, _ = gathered_loss(list(model(features).chunk(3)))
+            loss.backward()
+        # FSDP2 reduce-scatters the gradient as the average over processes, as DDP all-reduces it
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        shards = {name: (p.grad.to_local().clone(), p.grad.placements[0].dim, p.shape)
+                  for name, p in model.named_parameters() if p.grad is not None}
+        torch.save({"loss": total / WORLD, "shards": shards}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+class _Restore:
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.model.set_requires_gradient_sync(True)
+
+
+def single_process(model_dir, pooling):
+    model = load(model_dir, pooling)
+    features = dict(model.tokenize(ANCHORS + POSITIVES + NEGATIVES))
+    loss, _ = matryoshka()(list(model(features).chunk(3)))
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind, chunk_size", [("encoder", None), ("encoder", 5), ("decoder", 5)])
+def test_fully_sharded_two_processes_equal_one_process(tmp_path, tiny_model_dir, tiny_decoder_dir, kind, chunk_size):
+    model_dir, pooling = (str(tiny_model_dir), "mean") if kind == "encoder" else (str(tiny_decoder_dir), "lasttoken")
+    mp.spawn(worker, args=(model_dir, pooling, str(tmp_path / "init"), str(tmp_path), chunk_size), nprocs=WORLD,
+             join=True)
+    loss, grads = single_process(model_dir, pooling)
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        torch.testing.assert_close(result["loss"], loss, rtol=1e-10, atol=1e-12)
+        assert result["shards"].keys() == grads.keys() and len(grads) > 10
+        for name, (shard, dim, shape) in result["shards"].items():
+            assert tuple(shape) == tuple(grads[name].shape)
+            expected = grads[name].tensor_split(WORLD, dim=dim)[rank]  # this process's slice of the whole gradient
+            torch.testing.assert_close(shard[:expected.shape[dim]] if dim == 0 else shard, expected,
+                                       rtol=1e-9, atol=1e-12, msg=name)
