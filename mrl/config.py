@@ -98,6 +98,9 @@ class LossConfig:
     # contrastive: score each anchor against the candidates of every process (mrl/dist.py);
     # None: on whenever a contrastive run has several processes
     cross_device: bool | None = None
+    # contrastive: leave out of an anchor's denominator each candidate it scores above its own positive plus
+    # this margin, at full width (likely false negatives; mrl.losses.false_negatives); None: off
+    false_negative_margin: float | None = None
     dim_sampling: DimSamplingConfig = field(default_factory=DimSamplingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     two_d: TwoDConfig = field(default_factory=TwoDConfig)
@@ -358,6 +361,9 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"train.{name}: must be >= 1, got {getattr(train, name)}")
     if train.max_steps is not None and train.max_steps < 1:
         raise ValueError(f"train.max_steps: must be >= 1 or null, got {train.max_steps}")
+    if loss.false_negative_margin is not None and loss.name != "contrastive":
+        raise ValueError(f"loss.false_negative_margin: masks the contrastive loss's candidates; loss.name is "
+                         f"{loss.name!r}")
     if loss.cross_device and loss.name != "contrastive":
         raise ValueError(f"loss.cross_device: only the contrastive loss has in-batch negatives to share across "
                          f"processes; loss.name is {loss.name!r}")

@@ -18,7 +18,7 @@ def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
 
 
 def contrastive_loss(embeddings: list[Tensor], labels: Tensor | None = None, *, scale: float = 20.0,
-                     symmetric: bool = False, rows: Tensor | None = None) -> Tensor:
+                     symmetric: bool = False, rows: Tensor | None = None, exclude: Tensor | None = None) -> Tensor:
     """In-batch-negatives contrastive loss (InfoNCE; "MultipleNegativesRankingLoss").
 
     embeddings = [q, p, n_1, ..., n_k]: anchors q and positives p of shape (B, D), plus k >= 0 hard-negative
@@ -35,14 +35,36 @@ def contrastive_loss(embeddings: list[Tensor], labels: Tensor | None = None, *, 
     indices of this process's own anchors; the mean then runs over those b anchors, each against every
     process's candidates. Default: all rows. `labels` is ignored (the targets are the diagonal); it is
     accepted so that every loss has one signature.
+
+    exclude (b, (1+k)·B) bool, optional: candidates left out of each anchor's denominator (false negatives,
+    see false_negatives), its own positive never among them; the symmetric direction is not masked.
     """
     check_columns("contrastive", len(embeddings))
     q, p, candidates = embeddings[0], embeddings[1], torch.cat(embeddings[1:])
     rows = torch.arange(len(q), device=q.device) if rows is None else rows
-    loss = F.cross_entropy(scale * cosine_matrix(q[rows], candidates), rows)  # (b, (1+k)·B) logits
+    logits = scale * cosine_matrix(q[rows], candidates)  # (b, (1+k)·B)
+    loss = F.cross_entropy(logits if exclude is None else logits.masked_fill(exclude, float("-inf")), rows)
     if symmetric:  # positive p_i against every anchor
         loss = (loss + F.cross_entropy(scale * cosine_matrix(p[rows], q), rows)) / 2
     return loss
+
+
+def false_negatives(embeddings: list[Tensor], margin: float, rows: Tensor | None = None) -> Tensor:
+    """Which candidates of the contrastive loss are likely false negatives, (b, (1+k)·B) bool: those an anchor
+    scores above its own positive plus `margin`, at the embeddings' full width,
+
+        exclude_ij = cos(q_i, C_j) > cos(q_i, p_i) + margin,   j ≠ i (the positive itself stays)
+
+    decided without a gradient, once, and used for every prefix (Qwen3-Embedding's and GIST's rule)."""
+    check_columns("contrastive", len(embeddings))
+    with torch.no_grad():
+        q, candidates = embeddings[0], torch.cat(embeddings[1:])
+        rows = torch.arange(len(q), device=q.device) if rows is None else rows
+        cos = cosine_matrix(q[rows], candidates)  # (b, C)
+        positive = cos.gather(1, rows[:, None])  # (b, 1)
+        exclude = cos > positive + margin
+        exclude[torch.arange(len(rows), device=q.device), rows] = False
+    return exclude
 
 
 def cosent_loss(embeddings: list[Tensor], labels: Tensor, *, scale: float = 20.0) -> Tensor:

@@ -60,8 +60,10 @@ def _prefix_norms(x: Tensor, dims: list[int]) -> Tensor:
 
 
 def contrastive_losses_nested(embeddings: list[Tensor], labels: Tensor | None = None, *, dims: list[int],
-                              scale: float = 20.0, symmetric: bool = False, rows: Tensor | None = None) -> Tensor:
-    """mrl.losses.contrastive_loss at every prefix length d in `dims` at once: (len(dims),), in dims' order."""
+                              scale: float = 20.0, symmetric: bool = False, rows: Tensor | None = None,
+                              exclude: Tensor | None = None) -> Tensor:
+    """mrl.losses.contrastive_loss at every prefix length d in `dims` at once: (len(dims),), in dims' order; one
+    `exclude` mask (false negatives, decided at full width) for every prefix."""
     check_columns("contrastive", len(embeddings))
     q, p, candidates = embeddings[0], embeddings[1], torch.cat(embeddings[1:])
     rows = torch.arange(len(q), device=q.device) if rows is None else rows
@@ -70,7 +72,8 @@ def contrastive_losses_nested(embeddings: list[Tensor], labels: Tensor | None = 
     def losses(cos: Tensor) -> Tensor:  # (n, b, C) cosines -> (n,) mean cross-entropy per dim
         return F.cross_entropy(scale * cos.flatten(0, 1), rows.repeat(n), reduction="none").view(n, -1).mean(1)
 
-    loss = losses(nested_cosine_matrices(q[rows], candidates, dims))
+    cos = nested_cosine_matrices(q[rows], candidates, dims)  # (n, b, C)
+    loss = losses(cos if exclude is None else cos.masked_fill(exclude, float("-inf")))
     if symmetric:
         loss = (loss + losses(nested_cosine_matrices(p[rows], q, dims))) / 2
     return loss
@@ -83,9 +86,11 @@ def cosent_losses_nested(embeddings: list[Tensor], labels: Tensor, *, dims: list
     return cosent_from_cosines(nested_pair_cosines(*embeddings, dims), labels, scale)
 
 
-def contrastive_scores_nested(embeddings: list[Tensor], *, dims: list[int], rows: Tensor | None = None) -> Tensor:
+def contrastive_scores_nested(embeddings: list[Tensor], *, dims: list[int], rows: Tensor | None = None,
+                              exclude: Tensor | None = None) -> Tensor:
     """What the contrastive loss ranks, at every d in `dims`: each anchor's cosines to every candidate of the
-    batch, (len(dims), b, (1+k)·B): its in-batch similarity distribution, before the softmax."""
+    batch, (len(dims), b, (1+k)·B): its in-batch similarity distribution, before the softmax. (`exclude` is
+    accepted for one signature with the loss, and not applied: a distillation compares whole distributions.)"""
     check_columns("contrastive", len(embeddings))
     q = embeddings[0] if rows is None else embeddings[0][rows]
     return nested_cosine_matrices(q, torch.cat(embeddings[1:]), dims)

@@ -4,13 +4,15 @@
       -> MatryoshkaLoss over loss.dims, every dim from one batched computation (mrl.nested), weights by
          loss.dim_weights (a list, a rule, or learned: mrl.variants)
       -> + prefix self-distillation (loss.distill)           -> 2D Matryoshka over layers (loss.two_d)
-with the dims of each step drawn by a DimSampler (loss.dim_sampling) and, with cross-device negatives, every
-process's embeddings gathered first (mrl.dist).
+with the dims of each step drawn by a DimSampler (loss.dim_sampling), every process's embeddings gathered
+first with cross-device negatives (mrl.dist), and likely false negatives left out of each anchor's
+denominator with loss.false_negative_margin (mrl.losses.false_negatives).
 """
 
 from torch import Tensor
 
 from .dist import gather_columns
+from .losses import false_negatives
 from .matryoshka import MatryoshkaLoss
 from .nested import NESTED_SCORES, losses_for
 from .two_d import Matryoshka2dLoss
@@ -45,16 +47,21 @@ class Objective:
         sampling = loss_config.dim_sampling
         self.dim_sampler = (DimSampler(dims, sampling.dims_per_step, sampling.schedule, sampling.always_full)
                             if sampling.dims_per_step else None)
+        self.false_negative_margin = loss_config.false_negative_margin
         # cross-device negatives: loss.cross_device, or by default whenever a contrastive run has several processes
         self.cross_device = (loss_config.cross_device if loss_config.cross_device is not None
                              else loss_config.name == "contrastive" and n_processes > 1)
 
     def __call__(self, embeddings: list[Tensor], labels: Tensor | None = None) -> tuple[Tensor, dict]:
         dims = self.dim_sampler() if self.dim_sampler else None  # None: every dim
+        rows = None
         if self.cross_device:  # each anchor against the candidates of every process
-            all_columns, own_rows = gather_columns(embeddings)
-            return self.loss(all_columns, labels, dims, rows=own_rows)
-        return self.loss(embeddings, labels, dims)
+            embeddings, rows = gather_columns(embeddings)
+        kwargs = {} if rows is None else {"rows": rows}
+        if self.false_negative_margin is not None:  # one mask, at full width (2D: the last layer), for every prefix
+            full = [e[:, -1] if e.dim() == 3 else e for e in embeddings]
+            kwargs["exclude"] = false_negatives(full, self.false_negative_margin, rows)
+        return self.loss(embeddings, labels, dims, **kwargs)
 
     def __repr__(self) -> str:
         return (f"{self.loss}" + (f", {self.dim_sampler}" if self.dim_sampler else "")
