@@ -12,6 +12,7 @@ import math
 import shlex
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -24,9 +25,10 @@ from transformers import get_linear_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
 from mrl.cli import one_line_errors
-from mrl.config import check_against_model, check_train_columns, config_warnings, flat_dict, load_config
-from mrl.data import BatchSampler, Collator, degenerate_data, load_table, text_columns
+from mrl.config import check_against_model, config_warnings, flat_dict, load_config
+from mrl.data import load_table, text_columns
 from mrl.gradcache import cached_backward
+from mrl.mixture import named_specs, training_batches
 from mrl.monitor import StepMonitor
 from mrl.objective import Objective
 from mrl.report import markdown_table, result_rows
@@ -64,43 +66,43 @@ model = load_encoder(cfg.model, mirror, cfg.train.gradient_checkpointing)  # wit
 check_against_model(cfg, model, accelerator.device)
 accelerator.print(f"model: {model.name_or_path} ({model.embedding_dim} dims, max_seq_length {model.max_seq_length})")
 
-# -- data: every table is loaded and checked before the first step
+# -- data: every table is loaded and checked before the first step; one dataset, or a mixture (mrl/mixture.py)
+specs = named_specs(cfg.data.train)  # {name: dataset spec}; one plain spec is {"train": spec}
+loss_names = [spec.get("loss", cfg.loss.name) for spec in specs.values()]  # each dataset's loss
 with accelerator.main_process_first():  # the first process fills the datasets cache, the others read it
-    train_table = load_table(cfg.data.train, "data.train", cfg.loss.name == "cosent", mirror)
+    tables = {name: load_table(spec, "data.train" + (f".{name}" if len(specs) > 1 else ""), loss == "cosent", mirror)
+              for (name, spec), loss in zip(specs.items(), loss_names)}
     eval_tables = {split: load_table(spec, f"eval.{split}", True, mirror)
                    for split, spec in (("dev", cfg.eval.dev), ("test", cfg.eval.test)) if spec is not None}
-columns = text_columns(train_table)
-check_train_columns(cfg, columns)
-for split, table in {"train": train_table, **eval_tables}.items():
+for split, table in {**tables, **eval_tables}.items():
     accelerator.print(f"{split}: {len(table)} rows, text columns {text_columns(table)}"
                       + (", label in [0, 1]" if "label" in table.column_names else ""))
-no_duplicates = cfg.data.no_duplicates if cfg.data.no_duplicates is not None else cfg.loss.name == "contrastive"
-sampler = BatchSampler(list(zip(*(train_table[c] for c in columns))), cfg.train.batch_size, no_duplicates,
-                       cfg.train.drop_last, cfg.train.seed, processes=accelerator.num_processes)
-for warning in config_warnings(cfg) + degenerate_data(train_table, cfg.loss.name, sampler):
+with accelerator.main_process_first():  # each checked; token ids once, up front (cached): no tokenizer in the steps
+    train_table, sampler, collate, warnings = training_batches(cfg, specs, tables, model, accelerator.num_processes,
+                                                               mirror, accelerator.device)
+for warning in config_warnings(cfg) + warnings:
     accelerator.print(f"warning: {warning}")
-collate = Collator(columns, model.tokenizer, model.max_seq_length, cfg.speed.pad_to_multiple_of,
-                   *model.column_prompts(cfg.data.prompts))  # the prompt of each column, if any
-with accelerator.main_process_first():  # token ids once, up front (cached): no tokenizer in the training steps
-    train_table = collate.pretokenize(train_table)
 # the loader's own generator: starting an epoch's iterator then draws no number from the global RNG, so dropout
 # after a resume (global RNG restored from the checkpoint) matches the uninterrupted run
 loader = DataLoader(train_table, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
                     pin_memory=accelerator.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.train.seed))
 
-# -- loss: Σ_d w_d · L(normalize(e[:, :d])) and the options of the loss section (mrl/objective.py)
-objective = Objective(cfg.loss, model.embedding_dim, accelerator.num_processes)
-length_groups = length_groups_for(cfg.train.batch_size * len(columns), cfg.speed.length_groups, accelerator.device)
-accelerator.print(f"loss: {objective} ({accelerator.num_processes} process(es)), "
+# -- loss: Σ_d w_d · L(normalize(e[:, :d])) and the options of the loss section (mrl/objective.py); one per
+# loss a dataset names (a mixture may train CoSENT on scored pairs and MNRL on triplets)
+objectives = {name: Objective(replace(cfg.loss, name=name), model.embedding_dim, accelerator.num_processes)
+              for name in dict.fromkeys(loss_names)}
+objective = objectives[loss_names[0]]  # the first dataset's: its dim weights and cross-device setting are reported
+n_columns = [len(c.columns) for c in collate.collators]  # each dataset's text columns
+length_groups = length_groups_for(cfg.train.batch_size * n_columns[0], cfg.speed.length_groups, accelerator.device)
+accelerator.print(f"loss: {', '.join(map(str, objectives.values()))} ({accelerator.num_processes} process(es)), "
                   + describe(cfg.speed, cfg.train.cache_chunk_size, length_groups))
 
 # -- optimiser and schedule (no weight decay on biases and LayerNorm weights, as in BERT)
 trainable = [p for p in model.parameters() if p.requires_grad]
-objective.loss.to(accelerator.device)
-loss_parameters = list(objective.loss.parameters())  # learned dim weights, if any: their own rate, no decay
+loss_parameters = [p for o in objectives.values() for p in o.loss.to(accelerator.device).parameters()]  # learned weights
 optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
                                {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-                               {"params": loss_parameters, "weight_decay": 0.0, "lr": cfg.loss.dim_weight_lr}],
+                               {"params": loss_parameters, "weight_decay": 0.0, "lr": cfg.loss.dim_weight_lr}],  # own rate
                               lr=cfg.train.lr, fused=accelerator.device.type in ("cuda", "cpu"))  # one kernel, not ~10 per tensor
 steps_per_epoch = math.ceil(len(loader) / (accelerator.num_processes * cfg.train.grad_accum))
 total_steps = min(cfg.train.epochs * steps_per_epoch, cfg.train.max_steps or math.inf)
@@ -108,30 +110,27 @@ total_steps = min(cfg.train.epochs * steps_per_epoch, cfg.train.max_steps or mat
 scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.train.warmup_ratio * total_steps) * accelerator.num_processes,
                                             total_steps * accelerator.num_processes)
 model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-forward = compile_forward(model, cfg.speed.compile, collate.max_length, cfg.speed.pad_to_multiple_of, length_groups)
+forward = compile_forward(model, cfg.speed.compile, collate.collators[0].max_length, cfg.speed.pad_to_multiple_of, length_groups)
 cuda_graphs = cfg.speed.compile == "reduce-overhead" and accelerator.device.type == "cuda"
 
 # -- the step's forward and backward, chosen once: plain, or GradCache (the same gradients in chunks of memory)
-n_columns, all_layers = len(columns), cfg.loss.two_d.enabled  # 2D: every layer's embedding, k × (B, L, D)
+all_layers = cfg.loss.two_d.enabled  # 2D: every layer's embedding, k × (B, L, D)
 if cfg.train.cache_chunk_size:
-    def forward_backward(batch: dict, labels) -> tuple[torch.Tensor, dict]:
-        return cached_backward(partial(model, all_layers=all_layers), batch, n_columns, partial(objective, labels=labels),
+    def forward_backward(batch: dict, targets: dict, objective, k: int) -> tuple[torch.Tensor, dict]:
+        return cached_backward(partial(model, all_layers=all_layers), batch, k, partial(objective, **targets),
                                cfg.train.cache_chunk_size, accelerator.backward, no_sync=partial(accelerator.no_sync, model))
 else:
-    def forward_backward(batch: dict, labels) -> tuple[torch.Tensor, dict]:
-        # every column's texts as one batch, embedded in length groups (less padding): n_columns × (B, D)
+    def forward_backward(batch: dict, targets: dict, objective, k: int) -> tuple[torch.Tensor, dict]:
+        # every column's texts as one batch, embedded in length groups (less padding): k columns × (B, D)
         groups = length_groups_for(len(batch["input_ids"]), cfg.speed.length_groups, accelerator.device)
         embeddings = embed_by_length(partial(forward, all_layers=all_layers), batch, groups, cfg.speed.pad_to_multiple_of)
-        loss, per_dim = objective(list(embeddings.chunk(n_columns)), labels)
+        loss, per_dim = objective(list(embeddings.chunk(k)), **targets)
         accelerator.backward(loss)
         return loss, per_dim
 
 # -- resume: everything a step depends on is in the checkpoint (weights, optimiser, schedule, RNG, progress)
-progress = Progress()
-accelerator.register_for_checkpointing(progress)
-accelerator.register_for_checkpointing(objective.loss)  # learned dim weights, if any
-if objective.dim_sampler:
-    accelerator.register_for_checkpointing(objective.dim_sampler)  # where the dim schedule stands
+progress = Progress()  # and each objective's learned dim weights, if any, and where its dim schedule stands:
+accelerator.register_for_checkpointing(progress, *[x for o in objectives.values() for x in (o.loss, o.dim_sampler) if x])
 if args.resume:
     resume_dir = find_checkpoint(args.resume, cfg.output_dir)
     check_resumable(resume_dir, cfg.to_dict())  # the same model, data, loss and optimisation, or an error
@@ -171,7 +170,7 @@ model.train()
 monitor = StepMonitor()  # each step's losses and gradient norm, checked finite without a host sync per step
 check_every = 1 if accelerator.device.type == "cpu" else cfg.log.every  # a check is a host sync on a GPU
 dims_log = (DimsLog(cfg.output_dir, progress.step if args.resume else None)
-            if objective.dim_sampler and accelerator.is_main_process else None)
+            if any(o.dim_sampler for o in objectives.values()) and accelerator.is_main_process else None)
 bar = tqdm(total=total_steps, initial=progress.step, desc="train", disable=not accelerator.is_main_process)
 throughput, start_step = Throughput(), progress.step
 while progress.step < total_steps and progress.epoch < cfg.train.epochs:
@@ -181,10 +180,12 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
     for batch in epoch_loader:
         batch_start, shape = time.perf_counter(), tuple(batch["input_ids"].shape)
         with accelerator.accumulate(model):
-            labels = batch.pop("labels", None)
+            dataset, teacher = batch.pop("dataset"), batch.pop("teacher", None)  # which of the mixture; loss.teacher
+            targets = {"labels": batch.pop("labels", None), "teacher": None if teacher is None else
+                       list(teacher.chunk(n_columns[dataset]))}
             if cuda_graphs:  # the previous step's graph outputs are no longer needed: their memory may be reused
                 torch.compiler.cudagraph_mark_step_begin()
-            loss, per_dim = forward_backward(batch, labels)
+            loss, per_dim = forward_backward(batch, targets, objectives[loss_names[dataset]], n_columns[dataset])
             if accelerator.sync_gradients:
                 for p in loss_parameters if accelerator.num_processes > 1 else []:  # not inside DDP: averaged here
                     p.grad = accelerator.reduce(p.grad, "mean")
@@ -193,9 +194,9 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
             scheduler.step()
             optimizer.zero_grad()
         progress.batch_in_epoch += 1
-        throughput.add(shape, len(batch["input_ids"]) // n_columns * accelerator.num_processes,
+        throughput.add(shape, len(batch["input_ids"]) // n_columns[dataset] * accelerator.num_processes,
                        time.perf_counter() - batch_start)
-        monitor.add(loss, per_dim)
+        monitor.add(loss, per_dim, list(specs)[dataset] if len(specs) > 1 else None)  # a mixture: per dataset too
         if not accelerator.sync_gradients:
             continue
 

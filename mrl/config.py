@@ -56,6 +56,7 @@ class LoraConfig:  # model.lora: train low-rank adapters instead of the backbone
 class DataConfig:
     train: dict = field(default_factory=lambda: {"path": STSB, "split": "train"})
     no_duplicates: bool | None = None  # a text appears at most once per batch; None: on for contrastive losses
+    mixture: str = "proportional"  # with several datasets in data.train: proportional | round_robin (mrl/mixture.py)
     # a prompt per text column: a name of the model's prompts (model.prompts) or the text itself,
     # e.g. {anchor: query, positive: document, negative: document}
     prompts: dict | None = None
@@ -85,6 +86,16 @@ class TwoDConfig:  # loss.two_d: 2D Matryoshka (mrl.two_d.Matryoshka2dLoss): als
 
 
 @dataclass
+class TeacherConfig:  # loss.teacher: distil a teacher into every prefix (mrl.variants.TeacherDistillation)
+    # a model folder or hub id: its embeddings of every training text are computed once, before training;
+    # "data": they come with the data, a column "<text column>.teacher" of each table; None: off
+    model: str | None = None
+    kl_weight: float = 1.0  # the KL from the teacher's in-batch similarity distribution to each prefix's
+    temperature: float = 0.05
+    mse_weight: float = 0.0  # MSE from each prefix to the teacher's, truncated alike (the widths must match)
+
+
+@dataclass
 class LossConfig:
     name: str = "cosent"  # one of mrl.losses.LOSSES: cosent | contrastive
     scale: float = 20.0  # inverse temperature on cosines
@@ -102,6 +113,7 @@ class LossConfig:
     # this margin, at full width (likely false negatives; mrl.losses.false_negatives); None: off
     false_negative_margin: float | None = None
     dim_sampling: DimSamplingConfig = field(default_factory=DimSamplingConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     two_d: TwoDConfig = field(default_factory=TwoDConfig)
 
@@ -330,6 +342,11 @@ def validate(cfg: Config) -> None:
     check_dim_sampling(len(loss.dims), sampling.dims_per_step, sampling.schedule, sampling.always_full,
                        "loss.dim_sampling.")
     check_distillation(loss.distill.weight, loss.distill.temperature, "loss.distill.")
+    if loss.teacher.model is not None:
+        check_distillation(loss.teacher.kl_weight, loss.teacher.temperature, "loss.teacher.")
+        check_distillation(loss.teacher.mse_weight, loss.teacher.temperature, "loss.teacher.mse_")
+        if not loss.matryoshka:
+            raise ValueError("loss.teacher: distils into the Matryoshka loss's prefixes, but loss.matryoshka is false")
     if not loss.matryoshka:
         for name, value, default in (("dim_weights", loss.dim_weights, None),
                                      ("dim_sampling.dims_per_step", sampling.dims_per_step, None),
@@ -394,9 +411,20 @@ def validate(cfg: Config) -> None:
         if train.cache_chunk_size is not None:
             raise ValueError("speed.compile: not with train.cache_chunk_size (GradCache replays dropout masks from "
                              "the RNG state, which compiled code draws from differently)")
-    for name, spec in (("data.train", cfg.data.train), ("eval.dev", cfg.eval.dev), ("eval.test", cfg.eval.test)):
-        if spec is not None and "path" not in spec:
+    train = named_specs(cfg.data.train)
+    for name, spec in [*((f"data.train.{n}" if len(train) > 1 else "data.train", s) for n, s in train.items()),
+                       ("eval.dev", cfg.eval.dev), ("eval.test", cfg.eval.test)]:
+        if spec is not None and (not isinstance(spec, dict) or "path" not in spec):
             raise ValueError(f"{name}: a dataset spec needs `path` (a hub id, or csv/json/parquet with data_files)")
+    for name, spec in train.items():
+        where = f"data.train.{name}" if len(train) > 1 else "data.train"
+        if spec.get("loss", loss.name) not in LOSSES:
+            raise ValueError(f"{where}.loss: expected one of {sorted(LOSSES)}, got {spec['loss']!r}")
+        weight = spec.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            raise ValueError(f"{where}.weight: expected a number > 0, got {weight!r}")
+    if cfg.data.mixture not in ("proportional", "round_robin"):
+        raise ValueError(f"data.mixture: expected proportional | round_robin, got {cfg.data.mixture!r}")
 
 
 def check_against_model(cfg: Config, model, device) -> None:
@@ -427,15 +455,23 @@ def position_limit(config) -> int | None:
     return None if limit is None else limit - offset
 
 
-def check_train_columns(cfg: Config, columns: list[str]) -> None:
-    """The check that needs the training table: its text columns suit the loss."""
+def named_specs(train: dict) -> dict[str, dict]:
+    """data.train as {name: spec}: one plain spec is the mixture of one dataset, named 'train' (mrl/mixture.py)."""
+    return {"train": train} if "path" in train else dict(train)
+
+
+def check_train_columns(cfg: Config, name: str, columns: list[str]) -> None:
+    """The check that needs a training table (`name` in data.train's mixture): its text columns suit its loss
+    and its prompts."""
+    specs = named_specs(cfg.data.train)
+    spec, where = specs[name], f"data.train.{name}" if len(specs) > 1 else "data.train"
     try:
-        losses.check_columns(cfg.loss.name, len(columns))
+        losses.check_columns(spec.get("loss", cfg.loss.name), len(columns))
     except ValueError as error:
-        raise ValueError(f"data.train.columns: {error}; the table has {columns}") from None
-    unknown = sorted(set(cfg.data.prompts or {}) - set(columns))
+        raise ValueError(f"{where}.columns: {error}; the table has {columns}") from None
+    unknown = sorted(set(spec.get("prompts", cfg.data.prompts) or {}) - set(columns))
     if unknown:
-        raise ValueError(f"data.prompts: no text column {unknown} in the training table; it has {columns}")
+        raise ValueError(f"{where}: prompts for no text column {unknown} of the table; it has {columns}")
 
 
 def config_warnings(cfg: Config) -> list[str]:

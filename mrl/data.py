@@ -22,9 +22,10 @@ from torch import Tensor
 
 from .sources import check_local_files, local_files, resolve_dataset, unreachable
 
-OUR_KEYS = ("columns", "label", "score_max")
+OUR_KEYS = ("columns", "label", "score_max", "loss", "prompts", "weight")  # the last three: mixtures
 LABEL = "label"  # the label column is renamed to this; every other column of a loaded table is text
 IDS = ".ids"  # `<column>.ids`: the token ids of a text column, added by Collator.pretokenize
+TEACHER = ".teacher"  # `<column>.teacher`: a teacher's embedding of each text of the column (loss.teacher)
 
 
 def load_table(spec: dict, field: str, needs_label: bool = False, mirror: dict | None = None) -> datasets.Dataset:
@@ -71,7 +72,8 @@ def load_table(spec: dict, field: str, needs_label: bool = False, mirror: dict |
         if empty is not None:
             raise ValueError(f"{where}: column {c!r} row {empty} is empty or not text: {table[empty][c]!r}")
 
-    table = table.select_columns(columns + ([label] if needs_label else []))
+    teacher = [c + TEACHER for c in columns if c + TEACHER in table.column_names]  # stored teacher embeddings
+    table = table.select_columns(columns + teacher + ([label] if needs_label else []))
     if needs_label:
         scale = float(spec.get("score_max") or 1.0)
         scores = [_score(v, scale, f"{where}: column {label!r} row {i}") for i, v in enumerate(table[label])]
@@ -123,7 +125,7 @@ def _show(kwargs: dict) -> str:
 
 
 def text_columns(table: datasets.Dataset) -> list[str]:
-    return [c for c in table.column_names if c != LABEL and not c.endswith(IDS)]
+    return [c for c in table.column_names if c != LABEL and not c.endswith((IDS, TEACHER))]
 
 
 class BatchSampler:
@@ -259,6 +261,8 @@ class Collator:
                                                    for _ in rows])
         if LABEL in rows[0]:
             batch["labels"] = torch.tensor([row[LABEL] for row in rows], dtype=torch.float32)
+        if self.columns[0] + TEACHER in rows[0]:  # (k·B, D_t), column-major as the texts
+            batch["teacher"] = torch.tensor([row[c + TEACHER] for c in self.columns for row in rows])
         return batch
 
 

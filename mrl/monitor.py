@@ -25,11 +25,13 @@ class StepMonitor:
         self.sums: dict = {}  # per key: (sum, count) of its values since the last log, on the device
         self.dims_trained = Counter()  # optimiser steps that trained each dim
 
-    def add(self, loss: Tensor, per_dim: dict) -> None:
-        """One micro-batch's total loss and its parts ({dim: loss} and named terms)."""
+    def add(self, loss: Tensor, per_dim: dict, source: str | None = None) -> None:
+        """One micro-batch's total loss and its parts ({dim: loss} and named terms); with `source` (a mixture's
+        dataset), each is also averaged apart for that dataset, as <source>/<key>."""
         values = {"total": loss.detach(), **per_dim}
         self.current.append(values)
-        for key, value in values.items():  # a dim or term drawn on some steps only averages its own steps
+        logged = values if source is None else {**values, **{f"{source}/{_name(k)}": v for k, v in values.items()}}
+        for key, value in logged.items():  # a dim or term drawn on some steps only averages its own steps
             total, count = self.sums.get(key, (0.0, 0))
             self.sums[key] = (total + value, count + 1)
 

@@ -3,7 +3,8 @@
     base loss (mrl.losses, named by loss.name)
       -> MatryoshkaLoss over loss.dims, every dim from one batched computation (mrl.nested), weights by
          loss.dim_weights (a list, a rule, or learned: mrl.variants)
-      -> + prefix self-distillation (loss.distill)           -> 2D Matryoshka over layers (loss.two_d)
+      -> + prefix self-distillation (loss.distill) -> + distillation from a teacher (loss.teacher)
+      -> 2D Matryoshka over layers (loss.two_d)
 with the dims of each step drawn by a DimSampler (loss.dim_sampling), every process's embeddings gathered
 first with cross-device negatives (mrl.dist), and likely false negatives left out of each anchor's
 denominator with loss.false_negative_margin (mrl.losses.false_negatives).
@@ -16,7 +17,8 @@ from .losses import false_negatives
 from .matryoshka import MatryoshkaLoss
 from .nested import NESTED_SCORES, losses_for
 from .two_d import Matryoshka2dLoss
-from .variants import DimSampler, LearnedWeightsMatryoshkaLoss, PrefixDistillation, dim_weights
+from .variants import (DimSampler, LearnedWeightsMatryoshkaLoss, PrefixDistillation, TeacherDistillation,
+                       dim_weights)
 
 
 class Objective:
@@ -41,6 +43,10 @@ class Objective:
         if distill.weight > 0:
             self.loss = PrefixDistillation(self.loss, NESTED_SCORES[loss_config.name], distill.weight,
                                            distill.temperature)
+        teacher = loss_config.teacher
+        if teacher.model is not None:
+            self.loss = TeacherDistillation(self.loss, NESTED_SCORES[loss_config.name], teacher.kl_weight,
+                                            teacher.temperature, teacher.mse_weight)
         if two_d.enabled:
             self.loss = Matryoshka2dLoss(self.loss, two_d.layers_per_step, two_d.layer_weight, two_d.kl_weight,
                                          two_d.kl_temperature)
@@ -52,12 +58,17 @@ class Objective:
         self.cross_device = (loss_config.cross_device if loss_config.cross_device is not None
                              else loss_config.name == "contrastive" and n_processes > 1)
 
-    def __call__(self, embeddings: list[Tensor], labels: Tensor | None = None) -> tuple[Tensor, dict]:
+    def __call__(self, embeddings: list[Tensor], labels: Tensor | None = None,
+                 teacher: list[Tensor] | None = None) -> tuple[Tensor, dict]:
+        """teacher: the teacher's embeddings of the same texts (loss.teacher), one tensor per column."""
         dims = self.dim_sampler() if self.dim_sampler else None  # None: every dim
         rows = None
         if self.cross_device:  # each anchor against the candidates of every process
             embeddings, rows = gather_columns(embeddings)
+            teacher = None if teacher is None else gather_columns(teacher)[0]
         kwargs = {} if rows is None else {"rows": rows}
+        if teacher is not None:
+            kwargs["teacher"] = teacher
         if self.false_negative_margin is not None:  # one mask, at full width (2D: the last layer), for every prefix
             full = [e[:, -1] if e.dim() == 3 else e for e in embeddings]
             kwargs["exclude"] = false_negatives(full, self.false_negative_margin, rows)

@@ -34,6 +34,9 @@ def results_markdown(results: dict) -> str:
 def _describe(spec: dict | None) -> str:
     if not spec:
         return "none"
+    if "path" not in spec:  # a mixture: {name: spec}
+        return "a mixture of " + "; ".join(f"{name}: {_describe(one)} (weight {one.get('weight', 1)}, loss "
+                                           f"{one.get('loss', 'as loss.name')})" for name, one in spec.items())
     name = f"`{spec['path']}`" + (f" (subset `{spec['name']}`)" if spec.get("name") else "")
     if spec.get("data_files"):
         name += f", files {spec['data_files']}"

@@ -4,6 +4,8 @@
 - A few dims per step (`DimSampler`: drawn at random or in turn; its position travels in checkpoints).
 - Prefix self-distillation (`PrefixDistillation`): each prefix's in-batch similarity distribution is pulled
   toward the full width's, through `kl_to_teacher`, the KL that 2D Matryoshka (mrl.two_d) uses too.
+- Distillation from a teacher model into every prefix (`TeacherDistillation`): the same KL toward the
+  teacher's distribution, and where the widths match an MSE toward the teacher's embeddings, truncated alike.
 Each is checked against a float64 formula of its own in tests/test_quality_options.py.
 """
 
@@ -155,3 +157,49 @@ def check_distillation(weight: float, temperature: float, prefix: str = "") -> N
     """Raise ValueError, naming the field, unless weight >= 0 and temperature > 0 (both finite)."""
     if not (math.isfinite(weight) and weight >= 0 and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"{prefix}weight must be >= 0 and {prefix}temperature > 0, got {weight} and {temperature}")
+
+
+class TeacherDistillation(nn.Module):
+    """A Matryoshka loss plus distillation from a teacher's embeddings t (one (B, D_t) tensor per column, given
+    to forward as `teacher`) into every trained prefix d of the student's e:
+
+        L = L_matryoshka + kl_weight · Σ_d KL( P^teacher ‖ P^d ) + mse_weight · Σ_d MSE_d
+        MSE_d = 1/(k·B) Σ_columns Σ_rows ‖ normalize(e[:, :d]) − normalize(t[:, :d]) ‖²
+
+    P^teacher is the softmax at `temperature` of the teacher's in-batch scores at its full width, P^d the
+    student's at d (the loss's `scores`, as PrefixDistillation; kl_to_teacher, teacher detached). The MSE needs
+    the teacher as wide as the student (D_t = D): the teacher is truncated the same way as the student.
+    """
+
+    def __init__(self, matryoshka: nn.Module, scores: Callable[..., Tensor], kl_weight: float = 1.0,
+                 temperature: float = 0.05, mse_weight: float = 0.0):
+        super().__init__()
+        check_distillation(kl_weight, temperature)
+        check_distillation(mse_weight, temperature)
+        self.matryoshka, self.scores = matryoshka, scores
+        self.kl_weight, self.temperature, self.mse_weight = kl_weight, temperature, mse_weight
+
+    def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, dims: Sequence[int] | None = None,
+                teacher: list[Tensor] | None = None, **loss_kwargs) -> tuple[Tensor, dict]:
+        total, per_dim = self.matryoshka(embeddings, labels, dims, **loss_kwargs)
+        if teacher is None:
+            raise ValueError("loss.teacher: the batch brings no teacher embeddings")
+        dims = [d for d in per_dim if isinstance(d, int)] if dims is None else list(dims)
+        if self.kl_weight > 0:
+            teacher_scores = self.scores(teacher, dims=[teacher[0].shape[-1]], **loss_kwargs)[0]  # (R, C)
+            kl = kl_to_teacher(teacher_scores, self.scores(embeddings, dims=dims, **loss_kwargs), self.temperature)
+            total = total + self.kl_weight * kl.sum()
+            per_dim.update({f"teacher_kl_d{d}": v for d, v in zip(dims, kl.detach().unbind())})
+        if self.mse_weight > 0:
+            if teacher[0].shape[-1] != embeddings[0].shape[-1]:
+                raise ValueError(f"loss.teacher.mse_weight: the teacher's width {teacher[0].shape[-1]} is not the "
+                                 f"student's {embeddings[0].shape[-1]}")
+            mse = torch.stack([torch.stack([(F.normalize(e[:, :d], dim=-1) - F.normalize(t[:, :d].to(e.dtype), dim=-1))
+                                            .pow(2).sum(-1).mean() for e, t in zip(embeddings, teacher)]).mean()
+                               for d in dims])  # (n,)
+            total = total + self.mse_weight * mse.sum()
+            per_dim.update({f"teacher_mse_d{d}": v for d, v in zip(dims, mse.detach().unbind())})
+        return total, per_dim
+
+    def extra_repr(self) -> str:
+        return f"kl_weight={self.kl_weight}, temperature={self.temperature}, mse_weight={self.mse_weight}"

@@ -1,0 +1,149 @@
+"""Training on a mixture of datasets, each batch from one of them (nomic's contrastors: "to discourage
+shortcuts": a batch of one source cannot be solved by telling sources apart).
+
+    data:
+      train:
+        nli:  {path: sentence-transformers/all-nli, name: triplet, split: train, weight: 1}
+        sts:  {path: sentence-transformers/stsb, split: train, loss: cosent, weight: 2}
+      mixture: proportional        # or round_robin
+
+Each named dataset is a dataset spec (mrl.data.load_table) plus three keys: `loss` (its loss, default
+loss.name: CoSENT for scored pairs, contrastive for pairs and triplets), `prompts` ({column: prompt}, as
+data.prompts) and `weight`. An epoch takes weight × a dataset's batches from it (its own no-duplicates
+batches, reshuffled on every pass; a fraction takes the first part of a pass). `proportional` orders those
+batches at random (seeded per epoch), so each dataset comes up in proportion to its share; `round_robin`
+takes one from each dataset in turn while it has some. With P processes, every step's P batches come from
+one dataset (cross-device negatives then compare like with like).
+"""
+
+import math
+import random
+
+import torch
+
+from .config import check_train_columns, named_specs  # noqa: F401  (named_specs: train.py's, from here too)
+from .data import BatchSampler
+
+
+class MixtureBatchSampler:
+    """Batches of global row indices (dataset d's row r is offsets[d] + r), each from one dataset; steps of P
+    batches from one dataset. samplers: one mrl.data.BatchSampler per dataset (with processes=P)."""
+
+    def __init__(self, samplers: list[BatchSampler], weights: list[float], mode: str = "proportional",
+                 seed: int = 0, processes: int = 1):
+        self.samplers, self.weights, self.mode, self.seed, self.processes = samplers, weights, mode, seed, processes
+        self.offsets = [0]
+        for sampler in samplers[:-1]:
+            self.offsets.append(self.offsets[-1] + len(sampler.rows))
+        self.epoch, self._len_cache, self.dropped = 0, {}, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def steps(self, d: int) -> list[list[list[int]]]:
+        """Dataset d's steps of this epoch: weight × one pass over its batches, each step P batches (a last,
+        partial step split evenly over the processes; fewer rows than processes: dropped, and counted)."""
+        sampler, passes = self.samplers[d], self.weights[d]
+        steps, n_pass = [], 0
+        while len(steps) < math.ceil(passes * self._steps_per_pass(d)):
+            sampler.set_epoch(self.epoch + 1_000_000 * n_pass)  # every pass its own shuffle; the first: the epoch's
+            batches = list(sampler)
+            for i in range(0, len(batches), self.processes):
+                group = batches[i:i + self.processes]
+                if len(group) < self.processes:
+                    rows = [r for batch in group for r in batch]
+                    if len(rows) < self.processes:
+                        self.dropped += len(rows)
+                        continue
+                    group = BatchSampler._split(rows, self.processes)
+                steps.append(group)
+            n_pass += 1
+        return steps[:math.ceil(passes * self._steps_per_pass(d))]
+
+    def _steps_per_pass(self, d: int) -> int:
+        sampler = self.samplers[d]
+        sampler.set_epoch(self.epoch)
+        return math.ceil(len(sampler) / self.processes)
+
+    def __iter__(self):
+        per_dataset = [iter(self.steps(d)) for d in range(len(self.samplers))]
+        counts = [math.ceil(w * self._steps_per_pass(d)) for d, w in enumerate(self.weights)]
+        if self.mode == "proportional":
+            order = [d for d, n in enumerate(counts) for _ in range(n)]
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        else:  # round robin: one step from each dataset in turn, while it has steps
+            order = [d for turn in range(max(counts)) for d in range(len(counts)) if turn < counts[d]]
+        for d in order:
+            for batch in next(per_dataset[d]):
+                yield [self.offsets[d] + r for r in batch]
+
+    def __len__(self) -> int:
+        if self.epoch not in self._len_cache:
+            self._len_cache[self.epoch] = sum(1 for _ in self)
+        return self._len_cache[self.epoch]
+
+
+class MixtureTable(torch.utils.data.Dataset):
+    """The datasets as one: global index -> (dataset index, its row)."""
+
+    def __init__(self, tables: list):
+        self.tables, self.offsets = tables, [0]
+        for table in tables[:-1]:
+            self.offsets.append(self.offsets[-1] + len(table))
+
+    def __len__(self) -> int:
+        return self.offsets[-1] + len(self.tables[-1])
+
+    def __getitem__(self, index: int) -> tuple[int, dict]:
+        d = max(i for i, offset in enumerate(self.offsets) if offset <= index)
+        return d, self.tables[d][index - self.offsets[d]]
+
+
+class MixtureCollator:
+    """Rows of one dataset -> its collator's batch, plus `dataset` (its index)."""
+
+    def __init__(self, collators: list):
+        self.collators = collators
+
+    def __call__(self, items: list[tuple[int, dict]]) -> dict:
+        d = items[0][0]
+        batch = self.collators[d]([row for _, row in items])
+        batch["dataset"] = d
+        return batch
+
+
+def training_batches(cfg, specs: dict[str, dict], tables: dict, model, processes: int, mirror: dict | None = None,
+                     device=None):
+    """(table, batch sampler, collator, warnings) for the training tables, each checked against its loss and
+    prompts (mrl.config.check_train_columns): each dataset its own no-duplicates batches (on for a contrastive loss unless data.no_duplicates says), prompts and collator, its token ids
+    computed once up front (cached), and with a teacher model (loss.teacher.model) its embedding of every text;
+    the warnings of any dataset that trains little (mrl.data.degenerate_data)."""
+    from .data import Collator, degenerate_data, text_columns
+
+    samplers, collators, warnings, tokenised = [], [], [], []
+    teacher = None
+    if cfg.loss.teacher.model not in (None, "data"):  # loaded as it was saved (its own pooling, prompts, ...)
+        from .config import ModelConfig
+        from .sources import load_encoder
+
+        teacher = load_encoder(ModelConfig(name=cfg.loss.teacher.model), mirror or {}).to(device or "cpu")
+    for name, table in tables.items():
+        spec, columns = specs[name], text_columns(table)
+        check_train_columns(cfg, name, columns)  # its columns suit its loss and its prompts
+        loss = spec.get("loss", cfg.loss.name)
+        no_duplicates = cfg.data.no_duplicates if cfg.data.no_duplicates is not None else loss == "contrastive"
+        samplers.append(BatchSampler(list(zip(*(table[c] for c in columns))), cfg.train.batch_size, no_duplicates,
+                                     cfg.train.drop_last, cfg.train.seed, processes=processes))
+        collators.append(Collator(columns, model.tokenizer, model.max_seq_length, cfg.speed.pad_to_multiple_of,
+                                  *model.column_prompts(spec.get("prompts", cfg.data.prompts))))
+        warnings += [f"{name}: {w}" if len(tables) > 1 else w for w in degenerate_data(table, loss, samplers[-1])]
+        if teacher is not None:  # its embeddings, computed once here: `<column>.teacher` (mrl.data.Collator)
+            for c in columns:
+                table = table.add_column(c + ".teacher", teacher.encode(list(table[c]), normalize=False).tolist())
+        if cfg.loss.teacher.model is not None and not all(c + ".teacher" in table.column_names for c in columns):
+            raise ValueError(f"loss.teacher: {name} has no teacher embeddings for its columns {columns} "
+                             f"(columns <column>.teacher, or a loss.teacher.model to compute them)")
+        tokenised.append(collators[-1].pretokenize(table))
+    sampler = MixtureBatchSampler(samplers, [float(specs[name].get("weight", 1.0)) for name in tables],
+                                  cfg.data.mixture, cfg.train.seed, processes)
+    return MixtureTable(tokenised), sampler, MixtureCollator(collators), warnings
