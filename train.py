@@ -25,10 +25,10 @@ from transformers import get_linear_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
 from mrl.cli import one_line_errors
-from mrl.config import check_against_model, config_warnings, flat_dict, load_config
+from mrl.config import check_against_model, config_warnings, flat_dict, load_config, named_specs
 from mrl.data import load_table, text_columns
 from mrl.gradcache import cached_backward
-from mrl.mixture import named_specs, training_batches
+from mrl.mixture import training_batches
 from mrl.monitor import StepMonitor
 from mrl.objective import Objective
 from mrl.report import markdown_table, result_rows
@@ -188,7 +188,7 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
             loss, per_dim = forward_backward(batch, targets, objectives[loss_names[dataset]], n_columns[dataset])
             if accelerator.sync_gradients:
                 for p in loss_parameters if accelerator.num_processes > 1 else []:  # not inside DDP: averaged here
-                    p.grad = accelerator.reduce(p.grad, "mean")
+                    p.grad = None if p.grad is None else accelerator.reduce(p.grad, "mean")  # (another loss's: None)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
             optimizer.step()
             scheduler.step()

@@ -45,6 +45,7 @@ def run_reference(args, seed: int) -> dict:
     if not os.path.exists(os.path.join(out, "results.json")):
         cmd = [sys.executable, __file__, "--train-reference", "--seed", str(seed), "--config", args.config,
                "--out", out, "--reference-weight-decay", str(args.reference_weight_decay),
+               *(["--reference-batches", args.reference_batches] if args.reference_batches != "own" else []),
                *[a for o in args.set for a in ("--set", o)]]
         run(cmd, f"reference seed {seed}")
     with open(os.path.join(out, "results.json")) as f:
@@ -90,6 +91,14 @@ def train_reference(args) -> None:
         weight_decay=args.reference_weight_decay, max_grad_norm=cfg.train.max_grad_norm, seed=args.seed,
         batch_sampler=sampler, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
         bf16=cfg.train.mixed_precision == "bf16")
+    if args.reference_batches == "mrl":  # mrl's batches, in mrl's order (mrl.data.BatchSampler, as train.py makes them)
+        from mrl.data import BatchSampler, text_columns
+
+        columns = text_columns(table)
+        batches = BatchSampler(list(zip(*(table[c] for c in columns))), cfg.train.batch_size,
+                               cfg.data.no_duplicates if cfg.data.no_duplicates is not None else cfg.loss.name == "contrastive",
+                               cfg.train.drop_last, args.seed)  # mrl's train.seed of this run
+        training_args.batch_sampler = lambda dataset, **kwargs: batches
     trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=table, loss=loss)
     started = time.perf_counter()
     trainer.train()
@@ -130,6 +139,8 @@ def main():
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
                         help="an mrl variant run beside mrl as it is, e.g. wd0=train.weight_decay=0")
     parser.add_argument("--reference-weight-decay", type=float, default=0.0, help="the reference's (its default: 0)")
+    parser.add_argument("--reference-batches", choices=["own", "mrl"], default="own",
+                        help="the reference's own shuffled batches, or mrl's (the same batches in the same order)")
     parser.add_argument("--out", default="runs/vs-reference")
     parser.add_argument("--train-reference", action="store_true", help=argparse.SUPPRESS)  # one reference run
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -141,14 +152,16 @@ def main():
     dims = sorted(cfg.eval.dims or cfg.loss.dims, reverse=True)
     variants = {"mrl": []} | {v.split("=", 1)[0]: v.split("=", 1)[1].split(",") for v in args.variant}
     runs = {name: [run_mrl(args, name, overrides, seed) for seed in args.seeds] for name, overrides in variants.items()}
-    runs["reference"] = [run_reference(args, seed) for seed in args.seeds]
+    runs["reference"] = [run_reference(args, seed) for seed in args.seeds]  # seeds: the trainers' own
     sets = " ".join(f"--set {o}" for o in args.set)
     report = "\n".join([
         f"# mrl against the reference trainer: {args.config}, seeds {args.seeds}", "",
         f"`python benchmarks/vs_reference.py --config {args.config} --seeds {' '.join(map(str, args.seeds))} {sets}"
         + "".join(f" --variant {v}" for v in args.variant)
-        + (f" --reference-weight-decay {args.reference_weight_decay:g}" if args.reference_weight_decay else "") + "`",
-        "", f"Reference weight decay: {args.reference_weight_decay:g}; mrl's: {cfg.train.weight_decay:g}. "
+        + (f" --reference-weight-decay {args.reference_weight_decay:g}" if args.reference_weight_decay else "")
+        + (f" --reference-batches {args.reference_batches}" if args.reference_batches != "own" else "") + "`",
+        "", f"Reference weight decay: {args.reference_weight_decay:g}; mrl's: {cfg.train.weight_decay:g}. Reference "
+            f"batches: {'its own' if args.reference_batches == 'own' else 'mrl' + chr(39) + 's'}. "
             f"Variants: " + (", ".join(f"{k}: {' '.join(v)}" for k, v in variants.items() if v) or "none") + ".",
         *[part for split in ("dev", "test") if split in runs["reference"][0]
           for part in ("", f"## STS {split} Spearman ×100 after training, mean ± std over the seeds", "",

@@ -3,7 +3,8 @@
 A recipe holds only what differs from the defaults, or from the recipe it names as `base: other.yaml`.
 Related fields sit in groups (loss.dim_sampling, loss.distill, loss.two_d, speed). Unknown keys and values of
 the wrong type fail at load time with the field's dotted name, before any model or data is touched. Dataset
-specs are dicts of `datasets.load_dataset` keyword arguments plus three keys of ours (see `mrl.data.load_table`).
+specs are dicts of `datasets.load_dataset` keyword arguments plus keys of ours (see `mrl.data.load_table`, and
+`mrl/mixture.py` for a mixture's).
 """
 
 import dataclasses
@@ -343,8 +344,8 @@ def validate(cfg: Config) -> None:
                        "loss.dim_sampling.")
     check_distillation(loss.distill.weight, loss.distill.temperature, "loss.distill.")
     if loss.teacher.model is not None:
-        check_distillation(loss.teacher.kl_weight, loss.teacher.temperature, "loss.teacher.")
-        check_distillation(loss.teacher.mse_weight, loss.teacher.temperature, "loss.teacher.mse_")
+        check_distillation(loss.teacher.kl_weight, loss.teacher.temperature, "loss.teacher.", "kl_weight")
+        check_distillation(loss.teacher.mse_weight, loss.teacher.temperature, "loss.teacher.", "mse_weight")
         if not loss.matryoshka:
             raise ValueError("loss.teacher: distils into the Matryoshka loss's prefixes, but loss.matryoshka is false")
     if not loss.matryoshka:
@@ -378,12 +379,14 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"train.{name}: must be >= 1, got {getattr(train, name)}")
     if train.max_steps is not None and train.max_steps < 1:
         raise ValueError(f"train.max_steps: must be >= 1 or null, got {train.max_steps}")
-    if loss.false_negative_margin is not None and loss.name != "contrastive":
-        raise ValueError(f"loss.false_negative_margin: masks the contrastive loss's candidates; loss.name is "
-                         f"{loss.name!r}")
-    if loss.cross_device and loss.name != "contrastive":
-        raise ValueError(f"loss.cross_device: only the contrastive loss has in-batch negatives to share across "
-                         f"processes; loss.name is {loss.name!r}")
+
+    train_specs = named_specs(cfg.data.train)
+    losses_used = {spec.get("loss", loss.name) if isinstance(spec, dict) else loss.name for spec in train_specs.values()}
+    if "contrastive" not in losses_used:  # (in a mixture, these act on its contrastive datasets)
+        for name, value in (("false_negative_margin", loss.false_negative_margin), ("cross_device", loss.cross_device)):
+            if value not in (None, False):
+                raise ValueError(f"loss.{name}: acts on the contrastive loss, and no training dataset uses it "
+                                 f"(loss.name is {loss.name!r})")
     if train.cache_chunk_size is not None and train.cache_chunk_size < 1:
         raise ValueError(f"train.cache_chunk_size: must be >= 1 or null, got {train.cache_chunk_size}")
     if not 0 <= train.warmup_ratio < 1:
@@ -411,13 +414,13 @@ def validate(cfg: Config) -> None:
         if train.cache_chunk_size is not None:
             raise ValueError("speed.compile: not with train.cache_chunk_size (GradCache replays dropout masks from "
                              "the RNG state, which compiled code draws from differently)")
-    train = named_specs(cfg.data.train)
-    for name, spec in [*((f"data.train.{n}" if len(train) > 1 else "data.train", s) for n, s in train.items()),
+    for name, spec in [*((f"data.train.{n}" if len(train_specs) > 1 else "data.train", s)
+                         for n, s in train_specs.items()),
                        ("eval.dev", cfg.eval.dev), ("eval.test", cfg.eval.test)]:
         if spec is not None and (not isinstance(spec, dict) or "path" not in spec):
             raise ValueError(f"{name}: a dataset spec needs `path` (a hub id, or csv/json/parquet with data_files)")
-    for name, spec in train.items():
-        where = f"data.train.{name}" if len(train) > 1 else "data.train"
+    for name, spec in train_specs.items():
+        where = f"data.train.{name}" if len(train_specs) > 1 else "data.train"
         if spec.get("loss", loss.name) not in LOSSES:
             raise ValueError(f"{where}.loss: expected one of {sorted(LOSSES)}, got {spec['loss']!r}")
         weight = spec.get("weight", 1.0)
@@ -456,8 +459,10 @@ def position_limit(config) -> int | None:
 
 
 def named_specs(train: dict) -> dict[str, dict]:
-    """data.train as {name: spec}: one plain spec is the mixture of one dataset, named 'train' (mrl/mixture.py)."""
-    return {"train": train} if "path" in train else dict(train)
+    """data.train as {name: spec}: one plain spec is the mixture of one dataset, named 'train' (mrl/mixture.py).
+    A mixture is a mapping whose every value is a spec (a mapping); anything else is one spec."""
+    is_mixture = train and "path" not in train and all(isinstance(v, dict) for v in train.values())
+    return dict(train) if is_mixture else {"train": train}
 
 
 def check_train_columns(cfg: Config, name: str, columns: list[str]) -> None:

@@ -232,12 +232,13 @@ class Encoder(nn.Module):
 
 
 def append_eos_token(tokenizer) -> None:
-    """Make a fast tokenizer end every text with its EOS token, unless it already does: a step added to its
-    post-processor, which tokenizer.json saves, so sentence-transformers tokenizes the saved model alike."""
+    """Make a fast tokenizer end every text with its EOS token, unless it already ends texts with a special token:
+    a step added to its post-processor, which tokenizer.json saves, so sentence-transformers tokenizes the saved
+    model alike."""
     if tokenizer.eos_token is None:
         raise ValueError("model.append_eos: the tokenizer has no EOS token")
-    if tokenizer("a")["input_ids"][-1] == tokenizer.eos_token_id:
-        return
+    if tokenizer("a")["input_ids"][-1] in tokenizer.all_special_ids:  # it ends texts with a special token already
+        return  # (Qwen3-Embedding's ends them with <|endoftext|>, while its eos_token is <|im_end|>)
     from tokenizers import processors
 
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -38,10 +38,12 @@ def mine(anchors: list[str], positives: list[str], corpus: list[str], anchor_emb
     """Per anchor, its hard negatives, most similar first (see the module docstring). Embeddings are unit
     rows; positive_scores (N,) are s(p) of each pair; `index`: an IVF index over the corpus to search instead of
     exact search."""
-    if index is not None:
-        scores, ids = index.search(anchor_embeddings, range_max, n_probe)
-    else:
-        scores, ids = top_k(anchor_embeddings, corpus_embeddings, range_max)  # (N, range_max), best first
+    pieces = []  # anchors 4096 at a time: a search's score buffer holds anchors × corpus chunk floats
+    for start in tqdm(range(0, len(anchors), 4096), desc="search", disable=len(anchors) <= 4096):
+        queries = anchor_embeddings[start:start + 4096]
+        pieces.append(index.search(queries, range_max, n_probe) if index is not None
+                      else top_k(queries, corpus_embeddings, range_max))  # (n, range_max), best first
+    scores, ids = torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
     chosen = []
     for i, (row_scores, row_ids) in enumerate(tqdm(list(zip(scores.tolist(), ids.tolist())), desc="choose",
                                                    disable=len(anchors) < 10_000)):

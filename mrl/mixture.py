@@ -21,7 +21,7 @@ import random
 
 import torch
 
-from .config import check_train_columns, named_specs  # noqa: F401  (named_specs: train.py's, from here too)
+from .config import check_train_columns
 from .data import BatchSampler
 
 
@@ -35,14 +35,14 @@ class MixtureBatchSampler:
         self.offsets = [0]
         for sampler in samplers[:-1]:
             self.offsets.append(self.offsets[-1] + len(sampler.rows))
-        self.epoch, self._len_cache, self.dropped = 0, {}, 0
+        self.epoch, self._len_cache = 0, {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def steps(self, d: int) -> list[list[list[int]]]:
         """Dataset d's steps of this epoch: weight × one pass over its batches, each step P batches (a last,
-        partial step split evenly over the processes; fewer rows than processes: dropped, and counted)."""
+        partial step split evenly over the processes, or skipped if it has fewer rows than processes)."""
         sampler, passes = self.samplers[d], self.weights[d]
         steps, n_pass = [], 0
         while len(steps) < math.ceil(passes * self._steps_per_pass(d)):
@@ -52,12 +52,14 @@ class MixtureBatchSampler:
                 group = batches[i:i + self.processes]
                 if len(group) < self.processes:
                     rows = [r for batch in group for r in batch]
-                    if len(rows) < self.processes:
-                        self.dropped += len(rows)
+                    if len(rows) < self.processes:  # too few to give every process a row: skipped
                         continue
                     group = BatchSampler._split(rows, self.processes)
                 steps.append(group)
             n_pass += 1
+            if not steps:
+                raise ValueError(f"data.train: dataset {d} has fewer rows ({len(sampler.rows)}) than processes "
+                                 f"({self.processes}): no step can be made of it")
         return steps[:math.ceil(passes * self._steps_per_pass(d))]
 
     def _steps_per_pass(self, d: int) -> int:
@@ -115,8 +117,8 @@ class MixtureCollator:
 def training_batches(cfg, specs: dict[str, dict], tables: dict, model, processes: int, mirror: dict | None = None,
                      device=None):
     """(table, batch sampler, collator, warnings) for the training tables, each checked against its loss and
-    prompts (mrl.config.check_train_columns): each dataset its own no-duplicates batches (on for a contrastive loss unless data.no_duplicates says), prompts and collator, its token ids
-    computed once up front (cached), and with a teacher model (loss.teacher.model) its embedding of every text;
+    prompts (mrl.config.check_train_columns): each dataset its own no-duplicates batches (on for a contrastive
+    loss unless data.no_duplicates says), prompts and collator, its token ids computed once up front (cached), and with a teacher model (loss.teacher.model) its embedding of every text;
     the warnings of any dataset that trains little (mrl.data.degenerate_data)."""
     from .data import Collator, degenerate_data, text_columns
 
@@ -136,13 +138,20 @@ def training_batches(cfg, specs: dict[str, dict], tables: dict, model, processes
                                      cfg.train.drop_last, cfg.train.seed, processes=processes))
         collators.append(Collator(columns, model.tokenizer, model.max_seq_length, cfg.speed.pad_to_multiple_of,
                                   *model.column_prompts(spec.get("prompts", cfg.data.prompts))))
-        warnings += [f"{name}: {w}" if len(tables) > 1 else w for w in degenerate_data(table, loss, samplers[-1])]
+        warnings += [f"{name}: {w}" if len(tables) > 1 else w
+                     for w in degenerate_data(table, loss, samplers[-1])]
+        if cfg.loss.teacher.model is None:  # teacher embeddings in the data, but no teacher asked for: not used
+            table = table.remove_columns([c + ".teacher" for c in columns if c + ".teacher" in table.column_names])
         if teacher is not None:  # its embeddings, computed once here: `<column>.teacher` (mrl.data.Collator)
             for c in columns:
-                table = table.add_column(c + ".teacher", teacher.encode(list(table[c]), normalize=False).tolist())
+                embeddings = teacher.encode(list(table[c]), normalize=False)
+                table = table.add_column(c + ".teacher", embeddings.tolist())
         if cfg.loss.teacher.model is not None and not all(c + ".teacher" in table.column_names for c in columns):
-            raise ValueError(f"loss.teacher: {name} has no teacher embeddings for its columns {columns} "
-                             f"(columns <column>.teacher, or a loss.teacher.model to compute them)")
+            if len(tables) == 1:
+                raise ValueError(f"loss.teacher: {name} has no teacher embeddings for its columns {columns} "
+                                 f"(columns <column>.teacher, or a loss.teacher.model to compute them)")
+            warnings.append(f"loss.teacher: {name} has no teacher embeddings (<column>.teacher) for {columns}: its "
+                            "batches are not distilled")
         tokenised.append(collators[-1].pretokenize(table))
     sampler = MixtureBatchSampler(samplers, [float(specs[name].get("weight", 1.0)) for name in tables],
                                   cfg.data.mixture, cfg.train.seed, processes)

@@ -53,10 +53,12 @@ class Objective:
         sampling = loss_config.dim_sampling
         self.dim_sampler = (DimSampler(dims, sampling.dims_per_step, sampling.schedule, sampling.always_full)
                             if sampling.dims_per_step else None)
-        self.false_negative_margin = loss_config.false_negative_margin
+        contrastive = loss_config.name == "contrastive"  # the options below are the contrastive loss's (a
+        # mixture may hold a CoSENT dataset beside contrastive ones: its objective leaves them out)
+        self.false_negative_margin = loss_config.false_negative_margin if contrastive else None
         # cross-device negatives: loss.cross_device, or by default whenever a contrastive run has several processes
-        self.cross_device = (loss_config.cross_device if loss_config.cross_device is not None
-                             else loss_config.name == "contrastive" and n_processes > 1)
+        self.cross_device = contrastive and (loss_config.cross_device if loss_config.cross_device is not None
+                                             else n_processes > 1)
 
     def __call__(self, embeddings: list[Tensor], labels: Tensor | None = None,
                  teacher: list[Tensor] | None = None) -> tuple[Tensor, dict]:

@@ -30,7 +30,8 @@ from .report import model_card, results_markdown
 INCOMPLETE = ".incomplete"  # the suffix of a checkpoint folder still being written
 # what a checkpoint must share with the run that resumes it (the rest: length of training, logging, evaluation,
 # speed options, paths); train.max_steps and train.epochs may grow, to train on from a finished run
-TRAINING_FIELDS = ("model", "data", "loss", "train.batch_size", "train.lr", "train.warmup_ratio", "train.weight_decay",
+TRAINING_FIELDS = ("model", "data.train", "data.no_duplicates", "data.prompts", "data.mixture", "loss",
+                   "train.batch_size", "train.lr", "train.warmup_ratio", "train.weight_decay",
                    "train.max_grad_norm", "train.grad_accum", "train.mixed_precision", "train.seed", "train.drop_last",
                    "train.cache_chunk_size")
 
@@ -152,8 +153,9 @@ class DimsLog:
 def write_outputs(output_dir: str, model, config: dict, results: dict, command: str,
                   matryoshka_dims: list[int] | None) -> None:
     """The trained model (sentence-transformers layout) with its model card, config.yaml, results.md and
-    results.json, all together: written into a temporary folder, then moved into place with results.json last
-    (a previous run's results.json goes first), so a kill leaves no new weights beside old results."""
+    results.json, all together: written into a temporary folder; then a previous run's outputs are removed
+    (its results.json first) and the new ones moved into place (results.json last). A kill leaves old outputs
+    whole, or new ones without results.json (an unfinished run): never new weights beside old results."""
     check_finite_parameters(model, "the end of training")
     staging = os.path.join(output_dir, "outputs" + INCOMPLETE)
     shutil.rmtree(staging, ignore_errors=True)
@@ -165,13 +167,15 @@ def write_outputs(output_dir: str, model, config: dict, results: dict, command: 
         f.write(results_markdown(results))
     with open(os.path.join(staging, "results.json"), "w", encoding="utf-8") as f:
         json.dump(finite_or_null({"config": config, **results}), f, indent=2, allow_nan=False)
-    if os.path.exists(os.path.join(output_dir, "results.json")):
-        os.remove(os.path.join(output_dir, "results.json"))
-    for name in ("model", "config.yaml", "results.md", "results.json"):
+    names = ("model", "config.yaml", "results.md", "results.json")
+    for name in ("results.json", *names[:-1]):  # a previous run's outputs go first, its results.json before all
         target = os.path.join(output_dir, name)
         if os.path.isdir(target):
             shutil.rmtree(target)
-        os.replace(os.path.join(staging, name), target)
+        elif os.path.exists(target):
+            os.remove(target)
+    for name in names:  # results.json last: where it is, everything beside it is of the same run
+        os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
     os.rmdir(staging)
 
 

@@ -153,10 +153,11 @@ class PrefixDistillation(nn.Module):
         return f"weight={self.weight}, temperature={self.temperature}"
 
 
-def check_distillation(weight: float, temperature: float, prefix: str = "") -> None:
-    """Raise ValueError, naming the field, unless weight >= 0 and temperature > 0 (both finite)."""
+def check_distillation(weight: float, temperature: float, prefix: str = "", weight_name: str = "weight") -> None:
+    """Raise ValueError, naming the fields, unless weight >= 0 and temperature > 0 (both finite)."""
     if not (math.isfinite(weight) and weight >= 0 and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"{prefix}weight must be >= 0 and {prefix}temperature > 0, got {weight} and {temperature}")
+        raise ValueError(f"{prefix}{weight_name} must be >= 0 and {prefix}temperature > 0, got {weight} and "
+                         f"{temperature}")
 
 
 class TeacherDistillation(nn.Module):
@@ -174,16 +175,16 @@ class TeacherDistillation(nn.Module):
     def __init__(self, matryoshka: nn.Module, scores: Callable[..., Tensor], kl_weight: float = 1.0,
                  temperature: float = 0.05, mse_weight: float = 0.0):
         super().__init__()
-        check_distillation(kl_weight, temperature)
-        check_distillation(mse_weight, temperature)
+        check_distillation(kl_weight, temperature, weight_name="kl_weight")
+        check_distillation(mse_weight, temperature, weight_name="mse_weight")
         self.matryoshka, self.scores = matryoshka, scores
         self.kl_weight, self.temperature, self.mse_weight = kl_weight, temperature, mse_weight
 
     def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, dims: Sequence[int] | None = None,
                 teacher: list[Tensor] | None = None, **loss_kwargs) -> tuple[Tensor, dict]:
         total, per_dim = self.matryoshka(embeddings, labels, dims, **loss_kwargs)
-        if teacher is None:
-            raise ValueError("loss.teacher: the batch brings no teacher embeddings")
+        if teacher is None:  # a batch of a mixture's dataset that brings no teacher embeddings: not distilled
+            return total, per_dim
         dims = [d for d in per_dim if isinstance(d, int)] if dims is None else list(dims)
         if self.kl_weight > 0:
             teacher_scores = self.scores(teacher, dims=[teacher[0].shape[-1]], **loss_kwargs)[0]  # (R, C)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mrl import Encoder
+from mrl.encoder import append_eos_token
 from mrl.data import Collator, chunk_features
 from mrl.lora import add_lora
 from mrl.pooling import pool
@@ -70,9 +71,11 @@ def test_last_token_pooling_reads_the_appended_eos_token(tiny_decoder_dir):
     model = Encoder.from_pretrained(str(tiny_decoder_dir), pooling="lasttoken", append_eos=True)
     eos = model.tokenizer.eos_token_id
     assert model.tokenizer("a dog")["input_ids"][-1] == eos
-    assert Encoder.from_pretrained(str(tiny_decoder_dir))  # without append_eos the tokenizer adds nothing:
-    plain = Encoder.from_pretrained(str(tiny_decoder_dir), pooling="lasttoken")
+    plain = Encoder.from_pretrained(str(tiny_decoder_dir), pooling="lasttoken")  # without append_eos: nothing added
     assert plain.tokenizer("a dog")["input_ids"][-1] != eos
+    twice = Encoder.from_pretrained(str(tiny_decoder_dir), append_eos=True)  # a tokenizer that already ends texts
+    append_eos_token(twice.tokenizer)  # with a special token is left as it is: one EOS, not two
+    assert twice.tokenizer("a dog")["input_ids"] == model.tokenizer("a dog")["input_ids"]
     features = model.tokenize(["a dog", "a man plays a guitar"])
     hidden = model.backbone(**features).last_hidden_state
     last = [hidden[i, int(features["attention_mask"][i].nonzero().max())] for i in range(2)]  # left padded: T-1

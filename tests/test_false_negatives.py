@@ -85,5 +85,5 @@ def test_the_objective_masks_when_asked_and_only_then():
     exclude = false_negatives(embeddings, 0.0)
     expected = sum(float(contrastive_loss([e[:, :d] for e in embeddings], exclude=exclude)) for d in (16, 8))
     assert float(total_masked) == pytest.approx(expected, rel=1e-10) and total_masked < total_plain
-    with pytest.raises(ValueError, match="loss.false_negative_margin: masks the contrastive loss"):
+    with pytest.raises(ValueError, match="loss.false_negative_margin: acts on the contrastive loss, and no training"):
         load_config(None, ["loss.false_negative_margin=0.1"])  # the default loss is CoSENT

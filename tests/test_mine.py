@@ -15,21 +15,19 @@ from conftest import SHARED
 
 
 def brute_force(anchors, positives, corpus, a, c, pos, k, lo, hi, absolute, relative, max_score):
-    """Every corpus text scored, sorted, then the rules applied one by one, in plain Python."""
+    """The rules applied to the whole corpus at once: rank every text by score; keep the window of ranks lo..hi-1;
+    filter that window by the margins and by what is not a negative (the anchor, its positive, a text seen
+    before in the window); take the first k."""
     out = []
     for i in range(len(anchors)):
-        scores = [(float(a[i] @ c[j]), j) for j in range(len(corpus))]
-        ranked = sorted(scores, key=lambda sj: -sj[0])[:hi]
-        found, seen = [], {anchors[i], positives[i]}
-        for rank, (s, j) in enumerate(ranked):
-            ok = rank >= lo and corpus[j] not in seen and len(found) < k
-            ok = ok and (absolute is None or s <= float(pos[i]) - absolute)
-            ok = ok and (relative is None or s <= float(pos[i]) * (1 - relative))
-            ok = ok and (max_score is None or s <= max_score)
-            if ok:
-                found.append(corpus[j])
-                seen.add(corpus[j])
-        out.append(found)
+        scores = (a[i] @ c.T).tolist()
+        window = sorted(range(len(corpus)), key=lambda j: -scores[j])[lo:hi]
+        allowed = [j for j in window if corpus[j] not in (anchors[i], positives[i])
+                   and (absolute is None or scores[j] <= float(pos[i]) - absolute)
+                   and (relative is None or scores[j] <= float(pos[i]) * (1 - relative))
+                   and (max_score is None or scores[j] <= max_score)]
+        texts = list(dict.fromkeys(corpus[j] for j in allowed))  # a repeated text counts once
+        out.append(texts[:k])
     return out
 
 

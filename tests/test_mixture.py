@@ -59,6 +59,14 @@ def test_one_dataset_alone_batches_exactly_as_the_plain_sampler(no_duplicates):
         assert list(mixture) == list(plain)
 
 
+def test_a_dataset_smaller_than_the_processes_is_named():
+    mixture = MixtureBatchSampler([BatchSampler(rows("a", 8), 4, processes=2), BatchSampler(rows("b", 1), 4,
+                                                                                            processes=2)], [1.0, 1.0],
+                                  processes=2)
+    with pytest.raises(ValueError, match=r"dataset 1 has fewer rows \(1\) than processes \(2\)"):
+        list(mixture)
+
+
 def test_a_fractional_weight_takes_part_of_a_pass():
     mixture = MixtureBatchSampler([BatchSampler(rows("a", 40), 4), BatchSampler(rows("b", 40), 4)], [1.0, 0.5])
     assert Counter(which(b, mixture.offsets) for b in mixture) == {0: 10, 1: 5}
@@ -112,3 +120,45 @@ def test_a_mixed_run_resumes_where_the_uninterrupted_run_would_be(tmp_path, tiny
 
     torch.testing.assert_close(encode_saved(tmp_path / "resumed" / "model"), encode_saved(tmp_path / "whole" / "model"),
                                rtol=0, atol=1e-6)
+
+
+def test_the_mixture_recipe_runs_offline_through_the_mirror(tmp_path, tiny_model_dir):
+    from test_train import run_nli_recipe
+
+    proc = run_nli_recipe(tmp_path, "configs/mixture-nli-sts.yaml", tiny_model_dir, "train.batch_size=8",
+                          "train.max_steps=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nli: " in proc.stdout and "sts: " in proc.stdout
+    assert "MatryoshkaLoss" in proc.stdout and proc.stdout.count("MatryoshkaLoss(") >= 2  # one objective per loss
+
+
+def test_two_processes_train_a_mixture_with_a_teacher_masking_and_learned_weights(tmp_path, tiny_model_dir):
+    """A CoSENT dataset beside a contrastive one whose rows bring teacher embeddings, on 2 processes: cross-device
+    negatives, false-negative masking and the teacher act on the contrastive dataset only; learned dim weights of
+    the objective a step does not use get no gradient there."""
+    import gzip
+
+    import torch
+
+    from test_train import TWO_PROCESSES
+
+    nli = SHARED / "data" / "nli" / "triplets.jsonl.gz"
+    if not nli.is_file():
+        pytest.skip("no NLI triplets in ../shared")
+    g = torch.Generator().manual_seed(0)
+    with gzip.open(nli, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line, _ in zip(f, range(48))]
+    path = tmp_path / "with-teacher.jsonl"
+    path.write_text("\n".join(json.dumps({**{c: r[c] for c in ("anchor", "positive", "negative")},
+                                          **{f"{c}.teacher": torch.randn(32, generator=g).tolist()
+                                             for c in ("anchor", "positive", "negative")}}) for r in rows))
+    sts = f"{{path: csv, data_files: {{train: {STSB}/train.csv}}, split: 'train[:48]', score_max: 5, loss: cosent}}"
+    triplets = f"{{path: json, data_files: {{train: {path}}}, split: train, loss: contrastive}}"
+    proc = train_py(f"model.name={tiny_model_dir}", f"data.train={{sts: {sts}, nli: {triplets}}}", "loss.dims=[32,16]",
+                    "train.batch_size=8", "train.max_steps=4", "eval.dev=null", "eval.test=null",
+                    "loss.teacher.model=data", "loss.false_negative_margin=0.0", "loss.dim_weights=learned",
+                    f"output_dir={tmp_path}/run", launcher=TWO_PROCESSES)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "negatives from every process" in proc.stdout and "TeacherDistillation" in proc.stdout
+    assert "warning: loss.teacher: sts has no teacher embeddings" in proc.stdout
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["train"]["processes"] == 2

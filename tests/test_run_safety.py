@@ -228,6 +228,7 @@ def test_a_failure_during_the_final_save_leaves_the_previous_outputs_whole(tmp_p
     with pytest.raises(KeyboardInterrupt):
         write_outputs(str(tmp_path), tiny_encoder, config, results, "third", [32])
     assert moved == [str(tmp_path / "model")] and not (tmp_path / "results.json").exists()
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "results.md").exists()  # no old outputs left
 
 
 # --- 7. values checked at load, naming the field (and for data the file, column and row) --------------------------

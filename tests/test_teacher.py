@@ -63,6 +63,7 @@ def test_a_narrower_teacher_gives_its_distribution_but_no_mse():
     config = load_config(None, ["loss.name=contrastive", "loss.dims=[16,8]", "loss.teacher.model=data"]).loss
     total, parts = Objective(config, 16)(student, teacher=teacher)
     assert math.isfinite(float(total)) and "teacher_kl_d16" in parts
+    assert not any(str(key).startswith("teacher_mse") for key in parts)  # mse_weight 0: no MSE term
     config = load_config(None, ["loss.name=contrastive", "loss.dims=[16,8]", "loss.teacher.model=data",
                                 "loss.teacher.mse_weight=1"]).loss
     with pytest.raises(ValueError, match="the teacher's width 8 is not the student's 16"):
@@ -73,9 +74,16 @@ def test_a_run_distils_a_teacher_computed_before_training_through_gradcache(tmp_
     spec = f"{{path: csv, data_files: {{train: {STSB}/train.csv}}, split: 'train[:32]', score_max: 5}}"
     proc = train_py(f"model.name={tiny_model_dir}", f"data.train={spec}", "loss.dims=[32,16]", "train.max_steps=2",
                     "train.batch_size=8", "train.cache_chunk_size=6", "eval.dev=null", "eval.test=null",
-                    f"loss.teacher.model={minilm_dir}", "log.every=1", f"output_dir={tmp_path}/run")
+                    f"loss.teacher.model={minilm_dir}", "loss.teacher.mse_weight=0", "log.every=1",
+                    "log.with=tensorboard", f"output_dir={tmp_path}/run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "TeacherDistillation" in proc.stdout
+    from test_train import read_scalars
+
+    scalars = read_scalars(tmp_path / "run")  # the teacher's term was computed, every step, at every dim
+    for d in (32, 16):
+        values = [v for _, v in scalars[f"train/loss/teacher_kl_d{d}"]]
+        assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
 
 
 def test_a_run_reads_teacher_embeddings_stored_in_the_data(tmp_path, tiny_model_dir):
