@@ -74,6 +74,7 @@ def main():
                             f"output_dir={run_dir}", *extra]
                 run([sys.executable, "train.py", "--config", "configs/nli-matryoshka.yaml", "--overwrite",
                      *[a for s in settings for a in ("--set", s)]])
+            if not os.path.exists(os.path.join(run_dir, "retrieval", "results.json")):
                 run([sys.executable, "-m", "mrl.evaluate", "--model", os.path.join(run_dir, "model"), "--sts", "",
                      "--dims", *map(str, DIMS), "--nli-triplets", *files, "--no-plots", "--out",
                      os.path.join(run_dir, "retrieval")])
