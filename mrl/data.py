@@ -146,19 +146,23 @@ class BatchSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):
+    def steps(self):
+        """This epoch's steps, each the P batches of one step (one per process) cut from one batch of
+        P·batch_size rows, duplicate-free with no_duplicates. A step of fewer rows than P is one batch."""
         order = list(range(len(self.rows)))
         random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        if not self.no_duplicates:
-            batches = (order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size))
+        size = self.batch_size * self.processes
+        if self.no_duplicates:
+            chunks = self._unique_text_batches(order, size)
         else:
-            step_size = self.batch_size * self.processes  # one duplicate-free batch per step, cut in P
-            batches = (part for step in self._unique_text_batches(order, step_size)
-                       for part in self._split(step, self.processes))
-        for batch in batches:
-            if len(batch) < self.batch_size and self.drop_last:
+            chunks = (order[i:i + size] for i in range(0, len(order), size))
+        for step in chunks:
+            if len(step) < size and self.drop_last:
                 return
-            yield batch
+            yield self._split(step, self.processes)
+
+    def __iter__(self):
+        return (batch for step in self.steps() for batch in step)
 
     @staticmethod
     def _split(step: list[int], parts: int) -> list[list[int]]:

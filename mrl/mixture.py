@@ -40,36 +40,33 @@ class MixtureBatchSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def steps(self, d: int) -> list[list[list[int]]]:
-        """Dataset d's steps of this epoch: weight × one pass over its batches, each step P batches (a last,
-        partial step split evenly over the processes, or skipped if it has fewer rows than processes)."""
-        sampler, passes = self.samplers[d], self.weights[d]
-        steps, n_pass = [], 0
-        while len(steps) < math.ceil(passes * self._steps_per_pass(d)):
-            sampler.set_epoch(self.epoch + 1_000_000 * n_pass)  # every pass its own shuffle; the first: the epoch's
-            batches = list(sampler)
-            for i in range(0, len(batches), self.processes):
-                group = batches[i:i + self.processes]
-                if len(group) < self.processes:
-                    rows = [r for batch in group for r in batch]
-                    if len(rows) < self.processes:  # too few to give every process a row: skipped
-                        continue
-                    group = BatchSampler._split(rows, self.processes)
-                steps.append(group)
-            n_pass += 1
-            if not steps:
-                raise ValueError(f"data.train: dataset {d} has fewer rows ({len(sampler.rows)}) than processes "
-                                 f"({self.processes}): no step can be made of it")
-        return steps[:math.ceil(passes * self._steps_per_pass(d))]
-
-    def _steps_per_pass(self, d: int) -> int:
+    def one_pass(self, d: int, n_pass: int = 0) -> list[list[list[int]]]:
+        """Dataset d's steps of one pass over it (pass n of this epoch, its own shuffle), P batches each. A last
+        step of fewer rows than processes cannot give each a row: it is left out (at most P - 1 rows a pass,
+        other rows in the next pass's shuffle; `left_out` counts them)."""
         sampler = self.samplers[d]
-        sampler.set_epoch(self.epoch)
-        return math.ceil(len(sampler) / self.processes)
+        sampler.set_epoch(self.epoch + 1_000_000 * n_pass)  # every pass its own shuffle; the first: the epoch's
+        return [step for step in sampler.steps() if len(step) == self.processes]
+
+    def left_out(self, d: int) -> int:
+        """Rows of dataset d in no step of this epoch's first pass."""
+        return len(self.samplers[d].rows) - sum(len(b) for step in self.one_pass(d) for b in step)
+
+    def steps(self, d: int) -> list[list[list[int]]]:
+        """Dataset d's steps of this epoch: weight × one pass over its batches (a fraction: the first part of a
+        pass; weight 2: two passes, each reshuffled)."""
+        first = self.one_pass(d)
+        if not first:
+            raise ValueError(f"data.train: dataset {d} has fewer rows ({len(self.samplers[d].rows)}) than "
+                             f"processes ({self.processes}): no step can be made of it")
+        wanted, steps, n_pass = math.ceil(self.weights[d] * len(first)), first, 1
+        while len(steps) < wanted:
+            steps, n_pass = steps + self.one_pass(d, n_pass), n_pass + 1
+        return steps[:wanted]
 
     def __iter__(self):
-        per_dataset = [iter(self.steps(d)) for d in range(len(self.samplers))]
-        counts = [math.ceil(w * self._steps_per_pass(d)) for d, w in enumerate(self.weights)]
+        steps = [self.steps(d) for d in range(len(self.samplers))]
+        per_dataset, counts = [iter(s) for s in steps], [len(s) for s in steps]
         if self.mode == "proportional":
             order = [d for d, n in enumerate(counts) for _ in range(n)]
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
@@ -155,4 +152,8 @@ def training_batches(cfg, specs: dict[str, dict], tables: dict, model, processes
         tokenised.append(collators[-1].pretokenize(table))
     sampler = MixtureBatchSampler(samplers, [float(specs[name].get("weight", 1.0)) for name in tables],
                                   cfg.data.mixture, cfg.train.seed, processes)
+    for d, name in enumerate(tables):
+        if n := sampler.left_out(d):
+            warnings.append(f"{name + ': ' if len(tables) > 1 else ''}data.train: the last {n} row(s) of an epoch's "
+                            f"shuffle are fewer than the {processes} processes and are left out of that epoch")
     return MixtureTable(tokenised), sampler, MixtureCollator(collators), warnings

@@ -42,6 +42,23 @@ def test_every_step_comes_from_one_dataset_in_proportion_to_the_weights(processe
     assert list(mixture) != batches
 
 
+def test_no_text_repeats_within_a_step_over_processes():
+    """The no-duplicates rule of each dataset holds over the P batches of a step, as with one dataset."""
+    repeating = [[(f"{p} text {i % 7}", f"{p} other {i}") for i in range(60)] for p in ("a", "b")]
+    samplers = [BatchSampler(data, 3, True, seed=1, processes=2) for data in repeating]
+    mixture = MixtureBatchSampler(samplers, [1.0, 1.0], "proportional", seed=1, processes=2)
+    table = [row for data in repeating for row in data]
+    batches = list(mixture)
+    assert len(batches) % 2 == 0
+    for step in range(0, len(batches), 2):
+        texts = [t for b in batches[step:step + 2] for i in b for t in table[i]]
+        assert len(texts) == len(set(texts)), step
+    rows = [i for b in batches for i in b]
+    assert len(rows) == len(set(rows))  # weight 1: one pass, no row twice
+    left_out = [mixture.left_out(d) for d in range(2)]
+    assert len(rows) == len(table) - sum(left_out) and all(n < 2 for n in left_out)  # a last step of < P rows
+
+
 def test_round_robin_takes_the_datasets_in_turn():
     samplers = [BatchSampler(rows("a", 12), 4), BatchSampler(rows("b", 20), 4)]
     mixture = MixtureBatchSampler(samplers, [1.0, 1.0], "round_robin")
