@@ -209,7 +209,7 @@ def test_unreachable_model_names_the_id_the_mirror_and_the_fix(tmp_path):
     mirror = tmp_path / "mirror.yaml"
     mirror.write_text("models:\n  nobody/no-such-model: /nowhere/model\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MRL_MIRROR": str(mirror)}
-    proc = train_py("model.name=nobody/no-such-model", env=env, timeout=300)
+    proc = train_py("model.name=nobody/no-such-model", f"output_dir={tmp_path}/run", env=env, timeout=300)
     assert proc.returncode != 0
     error = proc.stderr.strip().splitlines()[-1]
     assert "'nobody/no-such-model'" in error and str(mirror) in error and "/nowhere/model" in error
@@ -219,7 +219,8 @@ def test_unreachable_model_names_the_id_the_mirror_and_the_fix(tmp_path):
 def test_unreachable_dataset_names_the_id_and_the_fix(tmp_path, tiny_model_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = train_py(f"model.name={tiny_model_dir}", "loss.dims=[32,16]",
-                    "data.train={path: nobody/no-such-data, split: train}", env=env, timeout=300)
+                    "data.train={path: nobody/no-such-data, split: train}", f"output_dir={tmp_path}/run", env=env,
+                    timeout=300)
     assert proc.returncode != 0
     error = proc.stderr.strip().splitlines()[-1]
     assert "'nobody/no-such-data'" in error and "has no entry for it" in error and "MRL_MIRROR" in error
