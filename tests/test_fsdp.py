@@ -2,7 +2,7 @@
 processes (gloo) equals 1 process on the same global batch: the loss and every parameter's gradient, in
 float64, for the Matryoshka contrastive loss with cross-device negatives, plain and through GradCache, on an
 encoder and on a decoder. Each process holds half of every parameter; its gradient shard is compared with the
-same slice of the single-process gradient."""
+same slice of the single-process gradient. The save (mrl.sharding.full_model) gathers the full trained weights."""
 
 import os
 from functools import partial
@@ -117,3 +117,69 @@ def test_fully_sharded_two_processes_equal_one_process(tmp_path, tiny_model_dir,
             expected = grads[name].tensor_split(WORLD, dim=dim)[rank]  # this process's slice of the whole gradient
             torch.testing.assert_close(shard[:expected.shape[dim]] if dim == 0 else shard, expected,
                                        rtol=1e-9, atol=1e-12, msg=name)
+
+
+class _FsdpAccelerator:
+    """What mrl.sharding.full_model reads of an Accelerator under FSDP2; the gather is Accelerate's own code
+    (Accelerator.get_state_dict), which Accelerate runs under FSDP on GPUs only."""
+
+    def __init__(self, rank):
+        from accelerate.utils import DistributedType
+
+        self.distributed_type, self.is_fsdp2, self.is_main_process = DistributedType.FSDP, True, rank == 0
+
+    def get_state_dict(self, model):
+        from accelerate import Accelerator
+
+        return Accelerator.get_state_dict(self, model)
+
+
+def one_sgd_step(model):
+    """The whole batch on every process: FSDP2's averaged gradient is then the single process's."""
+    features = dict(model.tokenize(ANCHORS + POSITIVES + NEGATIVES))
+    loss, _ = matryoshka()(list(model(features).chunk(3)))
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    return features
+
+
+def save_worker(rank, model_dir, init_file, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from mrl.sharding import full_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model = load(model_dir, "mean")
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for block in layers(model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        features = one_sgd_step(model)
+        saved = full_model(_FsdpAccelerator(rank), model, rebuild=lambda: load(model_dir, "mean"))
+        if rank == 0:
+            with torch.no_grad():
+                torch.save({"state": saved.state_dict(), "embeddings": saved(features)},
+                           os.path.join(out_dir, "saved.pt"))
+        else:
+            assert saved is None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_model_saved_under_fsdp_is_the_whole_trained_model(tmp_path, tiny_model_dir):
+    """train.py's save under FSDP (mrl.sharding.full_model, through Accelerate's gather): after a step on 2 fully
+    sharded processes, the main process gets every full weight of the model 1 process trains, and its vectors."""
+    mp.spawn(save_worker, args=(str(tiny_model_dir), str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    saved = torch.load(tmp_path / "saved.pt", weights_only=False)
+    model = load(str(tiny_model_dir), "mean")
+    start = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    features = one_sgd_step(model)
+    state = model.state_dict()
+    assert saved["state"].keys() == state.keys()
+    for name, value in state.items():
+        torch.testing.assert_close(saved["state"][name], value, rtol=1e-10, atol=1e-12, msg=name)
+    assert max((state[n] - start[n]).abs().max() for n in state if state[n].is_floating_point()) > 1e-3
+    with torch.no_grad():
+        torch.testing.assert_close(saved["embeddings"], model(features), rtol=1e-10, atol=1e-12)
