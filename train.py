@@ -25,7 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
 from mrl.cli import one_line_errors
-from mrl.config import check_against_model, config_warnings, flat_dict, load_config, named_specs
+from mrl.config import check_against_model, config_warnings, dataset_field, dataset_loss, flat_dict, load_config, named_specs
 from mrl.data import load_table, text_columns
 from mrl.gradcache import cached_backward
 from mrl.mixture import training_batches
@@ -68,9 +68,9 @@ accelerator.print(f"model: {model.name_or_path} ({model.embedding_dim} dims, max
 
 # -- data: every table is loaded and checked before the first step; one dataset, or a mixture (mrl/mixture.py)
 specs = named_specs(cfg.data.train)  # {name: dataset spec}; one plain spec is {"train": spec}
-loss_names = [spec.get("loss", cfg.loss.name) for spec in specs.values()]  # each dataset's loss
+loss_names = [dataset_loss(spec, cfg.loss.name) for spec in specs.values()]  # each dataset's loss
 with accelerator.main_process_first():  # the first process fills the datasets cache, the others read it
-    tables = {name: load_table(spec, "data.train" + (f".{name}" if len(specs) > 1 else ""), loss == "cosent", mirror)
+    tables = {name: load_table(spec, dataset_field(name, specs), loss == "cosent", mirror)
               for (name, spec), loss in zip(specs.items(), loss_names)}
     eval_tables = {split: load_table(spec, f"eval.{split}", True, mirror)
                    for split, spec in (("dev", cfg.eval.dev), ("test", cfg.eval.test)) if spec is not None}

@@ -92,12 +92,12 @@ def train_reference(args) -> None:
         batch_sampler=sampler, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
         bf16=cfg.train.mixed_precision == "bf16")
     if args.reference_batches == "mrl":  # mrl's batches, in mrl's order (mrl.data.BatchSampler, as train.py makes them)
+        from mrl.config import uses_no_duplicates
         from mrl.data import BatchSampler, text_columns
 
         columns = text_columns(table)
         batches = BatchSampler(list(zip(*(table[c] for c in columns))), cfg.train.batch_size,
-                               cfg.data.no_duplicates if cfg.data.no_duplicates is not None else cfg.loss.name == "contrastive",
-                               cfg.train.drop_last, args.seed)  # mrl's train.seed of this run
+                               uses_no_duplicates(cfg, cfg.loss.name), cfg.train.drop_last, args.seed)  # mrl's train.seed
         training_args.batch_sampler = lambda dataset, **kwargs: batches
     trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=table, loss=loss)
     started = time.perf_counter()

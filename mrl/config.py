@@ -381,7 +381,7 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.max_steps: must be >= 1 or null, got {train.max_steps}")
 
     train_specs = named_specs(cfg.data.train)
-    losses_used = {spec.get("loss", loss.name) if isinstance(spec, dict) else loss.name for spec in train_specs.values()}
+    losses_used = {dataset_loss(spec, loss.name) for spec in train_specs.values()}
     if "contrastive" not in losses_used:  # (in a mixture, these act on its contrastive datasets)
         for name, value in (("false_negative_margin", loss.false_negative_margin), ("cross_device", loss.cross_device)):
             if value not in (None, False):
@@ -414,14 +414,13 @@ def validate(cfg: Config) -> None:
         if train.cache_chunk_size is not None:
             raise ValueError("speed.compile: not with train.cache_chunk_size (GradCache replays dropout masks from "
                              "the RNG state, which compiled code draws from differently)")
-    for name, spec in [*((f"data.train.{n}" if len(train_specs) > 1 else "data.train", s)
-                         for n, s in train_specs.items()),
+    for name, spec in [*((dataset_field(n, train_specs), s) for n, s in train_specs.items()),
                        ("eval.dev", cfg.eval.dev), ("eval.test", cfg.eval.test)]:
         if spec is not None and (not isinstance(spec, dict) or "path" not in spec):
             raise ValueError(f"{name}: a dataset spec needs `path` (a hub id, or csv/json/parquet with data_files)")
     for name, spec in train_specs.items():
-        where = f"data.train.{name}" if len(train_specs) > 1 else "data.train"
-        if spec.get("loss", loss.name) not in LOSSES:
+        where = dataset_field(name, train_specs)
+        if dataset_loss(spec, loss.name) not in LOSSES:
             raise ValueError(f"{where}.loss: expected one of {sorted(LOSSES)}, got {spec['loss']!r}")
         weight = spec.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
@@ -465,13 +464,28 @@ def named_specs(train: dict) -> dict[str, dict]:
     return dict(train) if is_mixture else {"train": train}
 
 
+def dataset_field(name: str, specs: dict) -> str:
+    """The field that names a training dataset in messages: data.train, or data.train.<name> in a mixture."""
+    return f"data.train.{name}" if len(specs) > 1 else "data.train"
+
+
+def dataset_loss(spec, default: str) -> str:
+    """A training dataset's loss: its own `loss` key (a mixture's dataset), else loss.name (`default`)."""
+    return spec.get("loss", default) if isinstance(spec, dict) else default
+
+
+def uses_no_duplicates(cfg: Config, loss: str) -> bool:
+    """data.no_duplicates, or by default on for the contrastive loss (a repeated text would be its own negative)."""
+    return cfg.data.no_duplicates if cfg.data.no_duplicates is not None else loss == "contrastive"
+
+
 def check_train_columns(cfg: Config, name: str, columns: list[str]) -> None:
     """The check that needs a training table (`name` in data.train's mixture): its text columns suit its loss
     and its prompts."""
     specs = named_specs(cfg.data.train)
-    spec, where = specs[name], f"data.train.{name}" if len(specs) > 1 else "data.train"
+    spec, where = specs[name], dataset_field(name, specs)
     try:
-        losses.check_columns(spec.get("loss", cfg.loss.name), len(columns))
+        losses.check_columns(dataset_loss(spec, cfg.loss.name), len(columns))
     except ValueError as error:
         raise ValueError(f"{where}.columns: {error}; the table has {columns}") from None
     unknown = sorted(set(spec.get("prompts", cfg.data.prompts) or {}) - set(columns))

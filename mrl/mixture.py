@@ -21,8 +21,8 @@ import random
 
 import torch
 
-from .config import check_train_columns
-from .data import BatchSampler
+from .config import ModelConfig, check_train_columns, dataset_field, dataset_loss, uses_no_duplicates
+from .data import TEACHER, BatchSampler, Collator, degenerate_data, text_columns
 
 
 class MixtureBatchSampler:
@@ -115,35 +115,33 @@ def training_batches(cfg, specs: dict[str, dict], tables: dict, model, processes
                      device=None):
     """(table, batch sampler, collator, warnings) for the training tables, each checked against its loss and
     prompts (mrl.config.check_train_columns): each dataset its own no-duplicates batches (on for a contrastive
-    loss unless data.no_duplicates says), prompts and collator, its token ids computed once up front (cached), and with a teacher model (loss.teacher.model) its embedding of every text;
-    the warnings of any dataset that trains little (mrl.data.degenerate_data)."""
-    from .data import Collator, degenerate_data, text_columns
-
+    loss unless data.no_duplicates says), prompts and collator, its token ids computed once up front (cached),
+    and with a teacher model (loss.teacher.model) its embedding of every text; the warnings of any dataset that
+    trains little (mrl.data.degenerate_data) or leaves rows out of every epoch."""
     samplers, collators, warnings, tokenised = [], [], [], []
     teacher = None
     if cfg.loss.teacher.model not in (None, "data"):  # loaded as it was saved (its own pooling, prompts, ...)
-        from .config import ModelConfig
         from .sources import load_encoder
 
         teacher = load_encoder(ModelConfig(name=cfg.loss.teacher.model), mirror or {}).to(device or "cpu")
     for name, table in tables.items():
         spec, columns = specs[name], text_columns(table)
         check_train_columns(cfg, name, columns)  # its columns suit its loss and its prompts
-        loss = spec.get("loss", cfg.loss.name)
-        no_duplicates = cfg.data.no_duplicates if cfg.data.no_duplicates is not None else loss == "contrastive"
-        samplers.append(BatchSampler(list(zip(*(table[c] for c in columns))), cfg.train.batch_size, no_duplicates,
+        loss = dataset_loss(spec, cfg.loss.name)
+        samplers.append(BatchSampler(list(zip(*(table[c] for c in columns))), cfg.train.batch_size,
+                                     uses_no_duplicates(cfg, loss),
                                      cfg.train.drop_last, cfg.train.seed, processes=processes))
         collators.append(Collator(columns, model.tokenizer, model.max_seq_length, cfg.speed.pad_to_multiple_of,
                                   *model.column_prompts(spec.get("prompts", cfg.data.prompts))))
         warnings += [f"{name}: {w}" if len(tables) > 1 else w
                      for w in degenerate_data(table, loss, samplers[-1])]
         if cfg.loss.teacher.model is None:  # teacher embeddings in the data, but no teacher asked for: not used
-            table = table.remove_columns([c + ".teacher" for c in columns if c + ".teacher" in table.column_names])
+            table = table.remove_columns([c + TEACHER for c in columns if c + TEACHER in table.column_names])
         if teacher is not None:  # its embeddings, computed once here: `<column>.teacher` (mrl.data.Collator)
             for c in columns:
                 embeddings = teacher.encode(list(table[c]), normalize=False)
-                table = table.add_column(c + ".teacher", embeddings.tolist())
-        if cfg.loss.teacher.model is not None and not all(c + ".teacher" in table.column_names for c in columns):
+                table = table.add_column(c + TEACHER, embeddings.tolist())
+        if cfg.loss.teacher.model is not None and not all(c + TEACHER in table.column_names for c in columns):
             if len(tables) == 1:
                 raise ValueError(f"loss.teacher: {name} has no teacher embeddings for its columns {columns} "
                                  f"(columns <column>.teacher, or a loss.teacher.model to compute them)")
@@ -154,6 +152,6 @@ def training_batches(cfg, specs: dict[str, dict], tables: dict, model, processes
                                   cfg.data.mixture, cfg.train.seed, processes)
     for d, name in enumerate(tables):
         if n := sampler.left_out(d):
-            warnings.append(f"{name + ': ' if len(tables) > 1 else ''}data.train: the last {n} row(s) of an epoch's "
-                            f"shuffle are fewer than the {processes} processes and are left out of that epoch")
+            warnings.append(f"{dataset_field(name, tables)}: the last {n} row(s) of an epoch's shuffle are fewer "
+                            f"than the {processes} processes and are left out of that epoch")
     return MixtureTable(tokenised), sampler, MixtureCollator(collators), warnings
