@@ -364,8 +364,8 @@ def test_invalid_dims_and_options_fail_at_config_load_naming_the_field(overrides
 # --- parity with sentence-transformers ------------------------------------------------------------------------------
 
 
-class FixedEmbeddingModel(nn.Module):
-    """Stands in for a SentenceTransformer: feature dict {'column': i} -> the precomputed embeddings of column i."""
+class FixedColumns(nn.Module):
+    """A module mapping the feature dict {'column': i} to the precomputed embeddings of column i."""
 
     def __init__(self, embeddings):
         super().__init__()
@@ -376,6 +376,14 @@ class FixedEmbeddingModel(nn.Module):
 
     def get_embedding_dimension(self):
         return self.embeddings[0].shape[-1]
+
+
+def reference_model(embeddings):
+    """A real SentenceTransformer whose one module returns the given embeddings: whatever the reference's
+    losses ask of a model (its embedding dimension, its forward) is the reference's own code, in any release."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(modules=[FixedColumns(embeddings)], device="cpu")
 
 
 def st_losses():
@@ -394,10 +402,10 @@ def features_for(embeddings):
 def test_contrastive_equals_sentence_transformers_mnrl(n_negatives, seed):
     losses = st_losses()
     embeddings = random_columns(seed, 2 + n_negatives, 8, 16, dtype=torch.float32)
-    st = losses.MultipleNegativesRankingLoss(FixedEmbeddingModel(embeddings), scale=20.0)
+    st = losses.MultipleNegativesRankingLoss(reference_model(embeddings), scale=20.0)
     expected = st.compute_loss_from_embeddings(embeddings, None)
     assert float(contrastive_loss(embeddings, scale=20.0)) == pytest.approx(float(expected), abs=1e-5)
-    # and through the loss's own forward, on the stub model
+    # and through the loss's own forward, on the reference model
     assert float(st(features_for(embeddings), None)) == pytest.approx(float(expected), abs=1e-6)
 
 
@@ -407,7 +415,7 @@ def test_contrastive_equals_sentence_transformers_mnrl(n_negatives, seed):
 def test_symmetric_contrastive_equals_sentence_transformers_symmetric_mnrl(n_negatives, seed):
     losses = st_losses()
     embeddings = random_columns(seed, 2 + n_negatives, 8, 16, dtype=torch.float32)
-    model = FixedEmbeddingModel(embeddings)
+    model = reference_model(embeddings)
     got = contrastive_loss(embeddings, scale=20.0, symmetric=True)
     st = losses.MultipleNegativesSymmetricRankingLoss(model, scale=20.0)
     assert float(got) == pytest.approx(float(st.compute_loss_from_embeddings(embeddings, None)), abs=1e-5)
@@ -422,7 +430,7 @@ def test_cosent_equals_sentence_transformers_cosent(seed):
     losses = st_losses()
     embeddings = random_columns(seed, 2, 10, 16, dtype=torch.float32)
     labels = torch.randint(0, 4, (10,), generator=torch.Generator().manual_seed(seed)).float() / 3  # with ties
-    st = losses.CoSENTLoss(FixedEmbeddingModel(embeddings), scale=20.0)
+    st = losses.CoSENTLoss(reference_model(embeddings), scale=20.0)
     expected = st.compute_loss_from_embeddings(embeddings, labels)
     assert float(cosent_loss(embeddings, labels, scale=20.0)) == pytest.approx(float(expected), abs=1e-5)
 
@@ -434,7 +442,7 @@ def test_matryoshka_equals_sentence_transformers_matryoshka(base_name, dims, wei
     n_columns = 2 if base_name == "cosent" else 3
     embeddings = random_columns(3, n_columns, 8, 32, dtype=torch.float32, requires_grad=True)
     labels = torch.rand(8, generator=torch.Generator().manual_seed(3))
-    model = FixedEmbeddingModel(embeddings)
+    model = reference_model(embeddings)
     if base_name == "cosent":
         st_base, ours_base = losses.CoSENTLoss(model, scale=20.0), functools.partial(cosent_loss, scale=20.0)
     else:
@@ -456,7 +464,7 @@ def test_dim_sampler_equals_sentence_transformers_n_dims_per_step(k):
     losses = st_losses()
     embeddings = random_columns(4, 2, 6, 32)  # float64: the weighted totals reach ~100
     labels = torch.rand(6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    model = FixedEmbeddingModel(embeddings)
+    model = reference_model(embeddings)
     dims, weights = [32, 16, 8, 4], [1.0, 2.0, 3.0, 4.0]
     st = losses.MatryoshkaLoss(model, losses.CoSENTLoss(model), dims, matryoshka_weights=weights, n_dims_per_step=k)
     ours, sampler = MatryoshkaLoss(functools.partial(cosent_loss, scale=20.0), dims, weights), DimSampler(dims, k)

@@ -31,7 +31,7 @@ def brute_force(anchors, positives, corpus, a, c, pos, k, lo, hi, absolute, rela
     return out
 
 
-def setup(seed=0, n=20, m=60, d=16):
+def mining_case(seed=0, n=20, m=60, d=16):
     g = torch.Generator().manual_seed(seed)
     corpus = [f"doc {j}" for j in range(m)]
     c = F.normalize(torch.randn(m, d, generator=g), dim=-1)
@@ -44,7 +44,7 @@ def setup(seed=0, n=20, m=60, d=16):
 @pytest.mark.parametrize("k, lo, hi, absolute, relative, max_score", [
     (1, 0, 10, None, None, None), (3, 2, 30, None, 0.05, None), (2, 0, 60, 0.1, None, 0.5), (4, 5, 20, None, None, None)])
 def test_mining_equals_brute_force(k, lo, hi, absolute, relative, max_score):
-    anchors, positives, corpus, a, c, pos = setup()
+    anchors, positives, corpus, a, c, pos = mining_case()
     got = mine(anchors, positives, corpus, a, c, pos, k, lo, hi, absolute, relative, max_score)
     assert got == brute_force(anchors, positives, corpus, a, c, pos, k, lo, hi, absolute, relative, max_score)
     assert all(positives[i] not in found for i, found in enumerate(got))  # never the positive itself
@@ -52,7 +52,7 @@ def test_mining_equals_brute_force(k, lo, hi, absolute, relative, max_score):
 
 
 def test_an_ivf_index_probing_every_list_mines_what_exact_search_mines():
-    anchors, positives, corpus, a, c, pos = setup(1)
+    anchors, positives, corpus, a, c, pos = mining_case(1)
     exact = mine(anchors, positives, corpus, a, c, pos, 3, 0, 20, None, 0.05)
     index = IVFIndex(c, 4)
     assert mine(anchors, positives, corpus, a, c, pos, 3, 0, 20, None, 0.05, index=index, n_probe=index.n_lists) == exact
