@@ -25,22 +25,23 @@ from transformers import get_linear_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
 from mrl.cli import one_line_errors
-from mrl.config import check_against_model, config_warnings, dataset_field, dataset_loss, flat_dict, load_config, named_specs
+from mrl.run.config import check_against_model, config_warnings, dataset_field, dataset_loss, flat_dict, load_config, named_specs
 from mrl.data import load_table, text_columns
-from mrl.gradcache import cached_backward
-from mrl.mixture import training_batches
-from mrl.monitor import StepMonitor
-from mrl.objective import Objective
-from mrl.report import markdown_table, result_rows
-from mrl.run_folder import DimsLog, Progress, check_resumable, find_checkpoint, prepare, save_checkpoint, write_outputs
-from mrl.sharding import full_model, is_sharded
-from mrl.sources import load_encoder, load_mirror
-from mrl.speed import compile_forward, describe, embed_by_length, length_groups_for
-from mrl.sts import evaluate_sts
-from mrl.throughput import Throughput
+from mrl.run.gradcache import cached_backward
+from mrl.run.batches import training_batches
+from mrl.run.monitor import StepMonitor
+from mrl.loss.objective import Objective
+from mrl.eval.report import markdown_table, result_rows
+from mrl.run.folder import DimsLog, Progress, check_resumable, find_checkpoint, prepare, save_checkpoint, write_outputs
+from mrl.model.sharding import full_model, is_sharded
+from mrl.model.load import load_encoder
+from mrl.sources import load_mirror
+from mrl.run.speed import compile_forward, describe, embed_by_length, length_groups_for
+from mrl.eval.sts import evaluate_sts
+from mrl.run.throughput import Throughput
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--config", default="configs/default.yaml", help="YAML file of changes to mrl/config.py")
+parser.add_argument("--config", default="configs/default.yaml", help="YAML file of changes to mrl/run/config.py")
 parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=3e-5")
 parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest' (in output_dir/checkpoints)")
 parser.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
@@ -66,7 +67,7 @@ model = load_encoder(cfg.model, mirror, cfg.train.gradient_checkpointing)  # wit
 check_against_model(cfg, model, accelerator.device)
 accelerator.print(f"model: {model.name_or_path} ({model.embedding_dim} dims, max_seq_length {model.max_seq_length})")
 
-# -- data: every table is loaded and checked before the first step; one dataset, or a mixture (mrl/mixture.py)
+# -- data: every table is loaded and checked before the first step; one dataset, or a mixture (mrl/data/mixture.py)
 specs = named_specs(cfg.data.train)  # {name: dataset spec}; one plain spec is {"train": spec}
 loss_names = [dataset_loss(spec, cfg.loss.name) for spec in specs.values()]  # each dataset's loss
 with accelerator.main_process_first():  # the first process fills the datasets cache, the others read it
@@ -87,7 +88,7 @@ for warning in config_warnings(cfg) + warnings:
 loader = DataLoader(train_table, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
                     pin_memory=accelerator.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.train.seed))
 
-# -- loss: Σ_d w_d · L(normalize(e[:, :d])) and the options of the loss section (mrl/objective.py); one per
+# -- loss: Σ_d w_d · L(normalize(e[:, :d])) and the options of the loss section (mrl/loss/objective.py); one per
 # loss a dataset names (a mixture may train CoSENT on scored pairs and MNRL on triplets)
 objectives = {name: Objective(replace(cfg.loss, name=name), model.embedding_dim, accelerator.num_processes)
               for name in dict.fromkeys(loss_names)}

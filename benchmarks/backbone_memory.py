@@ -31,16 +31,16 @@ def one_variant(args) -> dict:
     import torch
 
     from mrl import Encoder
-    from mrl.losses import contrastive_loss
-    from mrl.matryoshka import MatryoshkaLoss
-    from mrl.nested import contrastive_losses_nested
+    from mrl.loss.base import contrastive_loss
+    from mrl.loss.matryoshka import MatryoshkaLoss
+    from mrl.loss.nested import contrastive_losses_nested
 
     torch.manual_seed(0)
     model = Encoder.from_pretrained(args.model, pooling="lasttoken", append_eos=True).train()
     if "checkpointing" in args.options:
         model.checkpoint_activations()
     if "lora" in args.options:
-        from mrl.lora import add_lora
+        from mrl.model.lora import add_lora
 
         class Lora:
             r, alpha, dropout, target_modules = 16, 32.0, 0.0, "all-linear"

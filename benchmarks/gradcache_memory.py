@@ -23,10 +23,10 @@ def one_step(args) -> dict:
     import torch
 
     from mrl import Encoder
-    from mrl.gradcache import cached_backward
-    from mrl.losses import contrastive_loss
-    from mrl.matryoshka import MatryoshkaLoss
-    from mrl.nested import contrastive_losses_nested
+    from mrl.run.gradcache import cached_backward
+    from mrl.loss.base import contrastive_loss
+    from mrl.loss.matryoshka import MatryoshkaLoss
+    from mrl.loss.nested import contrastive_losses_nested
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with gzip.open(args.triplets, "rt") as f:

@@ -1,5 +1,5 @@
 """Which negatives train a Matryoshka contrastive model best, per dim: the NLI triplets' own (the given
-contradictions), negatives mined with the starting model (python -m mrl.mine), and the given ones with
+contradictions), negatives mined with the starting model (python -m mrl.data.mine), and the given ones with
 false-negative masking (loss.false_negative_margin). MNRL in Matryoshka on the local NLI triplets, seeds
 apart; scored per dim on STS-B dev and on an NLI retrieval set held out of training.
 
@@ -57,7 +57,7 @@ def main():
         f.writelines(json.dumps(r) + "\n" for r in train)
     mined = os.path.join(out, "train-mined.jsonl")
     if not os.path.exists(mined):
-        print(run([sys.executable, "-m", "mrl.mine", "--model", model, "--negatives", "1", "--range-min", "10",
+        print(run([sys.executable, "-m", "mrl.data.mine", "--model", model, "--negatives", "1", "--range-min", "10",
                    "--range-max", "100", "--relative-margin", "0.05", "--out", mined, "--data",
                    f"{{path: json, data_files: {{train: {given}}}, split: train, columns: [anchor, positive]}}"]))
     variants = {"given negatives": (given, []), "mined negatives": (mined, []),
@@ -75,7 +75,7 @@ def main():
                 run([sys.executable, "train.py", "--config", "configs/nli-matryoshka.yaml", "--overwrite",
                      *[a for s in settings for a in ("--set", s)]])
             if not os.path.exists(os.path.join(run_dir, "retrieval", "results.json")):
-                run([sys.executable, "-m", "mrl.evaluate", "--model", os.path.join(run_dir, "model"), "--sts", "",
+                run([sys.executable, "-m", "mrl.eval", "--model", os.path.join(run_dir, "model"), "--sts", "",
                      "--dims", *map(str, DIMS), "--nli-triplets", *files, "--no-plots", "--out",
                      os.path.join(run_dir, "retrieval")])
             with open(os.path.join(run_dir, "results.json")) as f:

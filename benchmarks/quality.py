@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mrl.config import load_config  # noqa: E402
+from mrl.run.config import load_config  # noqa: E402
 
 # name -> overrides of the recipe; "mrl" is plain MRL (the reference's objective, our code)
 VARIANTS = {

@@ -29,13 +29,13 @@ from train_throughput import RECIPES, recipe_config  # (benchmarks/, this script
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mrl.config import COMPILE_MODES  # noqa: E402
+from mrl.run.config import COMPILE_MODES  # noqa: E402
 from mrl.data import Collator, load_table, pad_columns, padded_length, text_columns  # noqa: E402
-from mrl.encoder import Encoder  # noqa: E402
-from mrl.matryoshka import MatryoshkaLoss  # noqa: E402
-from mrl.nested import losses_for  # noqa: E402
+from mrl.model.encoder import Encoder  # noqa: E402
+from mrl.loss.matryoshka import MatryoshkaLoss  # noqa: E402
+from mrl.loss.nested import losses_for  # noqa: E402
 from mrl.sources import load_mirror, resolve_model  # noqa: E402
-from mrl.speed import embed_by_length  # noqa: E402
+from mrl.run.speed import embed_by_length  # noqa: E402
 
 
 def timed(fn, device: str) -> float:

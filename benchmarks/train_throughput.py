@@ -8,7 +8,7 @@ in-batch-negatives contrastive loss, MultipleNegativesRankingLoss in sentence-tr
 Reported: samples/s and tokens/s of the training loop (tokens = samples × the mean number of tokens of a
 training sample after truncation), model TFLOP/s and MFU (with --peak-tflops; train_flops_per_token), peak
 memory, the ratio mrl / reference, and STS-B test Spearman ×100 at every dim of both trained models, scored
-by the same evaluator (mrl.sts).
+by the same evaluator (mrl.eval.sts).
 
     python benchmarks/train_throughput.py --quick                        # CPU: 40 steps each
     python benchmarks/train_throughput.py --epochs 4 --bf16              # the full STS recipe on a GPU
@@ -32,12 +32,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mrl.config import load_config  # noqa: E402
+from mrl.run.config import load_config  # noqa: E402
 from mrl.data import load_table  # noqa: E402
-from mrl.encoder import Encoder  # noqa: E402
-from mrl.report import markdown_table  # noqa: E402
+from mrl.model.encoder import Encoder  # noqa: E402
+from mrl.eval.report import markdown_table  # noqa: E402
 from mrl.sources import load_mirror, resolve_model  # noqa: E402
-from mrl.sts import evaluate_sts  # noqa: E402
+from mrl.eval.sts import evaluate_sts  # noqa: E402
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -132,9 +132,9 @@ def loss_overhead_ms(loss_name: str, n_columns: int, batch_size: int, width: int
                      repeats: int = 200) -> dict:
     """Milliseconds per step of the loss alone (forward + backward on random (B, width) embeddings of each text
     column): the plain loss at full width vs the Matryoshka loss over `dims` (nested, as train.py computes it)."""
-    from mrl.losses import LOSSES
-    from mrl.matryoshka import MatryoshkaLoss
-    from mrl.nested import NESTED_LOSSES
+    from mrl.loss.base import LOSSES
+    from mrl.loss.matryoshka import MatryoshkaLoss
+    from mrl.loss.nested import NESTED_LOSSES
 
     generator = torch.Generator().manual_seed(0)
     embeddings = [torch.randn(batch_size, width, generator=generator).to(device).requires_grad_()

@@ -1,5 +1,5 @@
 """Quality of mrl against the reference trainer at one budget: a recipe trained by both, over seeds, each model
-scored by the same evaluator (mrl.sts) on the recipe's STS dev and test sets; mean ± std per dim, side by side.
+scored by the same evaluator (mrl.eval.sts) on the recipe's STS dev and test sets; mean ± std per dim, side by side.
 
     python benchmarks/vs_reference.py --seeds 0 1 2 --set train.epochs=1 --out runs/vs-reference-sts
     python benchmarks/vs_reference.py --config configs/nli-matryoshka.yaml --seeds 0 1 2 \\
@@ -26,7 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mrl.config import load_config  # noqa: E402
+from mrl.run.config import load_config  # noqa: E402
 
 
 def run_mrl(args, name: str, overrides: list[str], seed: int) -> dict:
@@ -70,7 +70,7 @@ def train_reference(args) -> None:
     from mrl import Encoder
     from mrl.data import load_table
     from mrl.sources import load_mirror, resolve_model
-    from mrl.sts import evaluate_sts
+    from mrl.eval.sts import evaluate_sts
 
     cfg = load_config(os.path.join(ROOT, args.config), args.set)
     mirror = load_mirror(os.path.join(ROOT, cfg.mirror) if cfg.mirror else None)
@@ -92,7 +92,7 @@ def train_reference(args) -> None:
         batch_sampler=sampler, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
         bf16=cfg.train.mixed_precision == "bf16")
     if args.reference_batches == "mrl":  # mrl's batches, in mrl's order (mrl.data.BatchSampler, as train.py makes them)
-        from mrl.config import uses_no_duplicates
+        from mrl.run.config import uses_no_duplicates
         from mrl.data import BatchSampler, text_columns
 
         columns = text_columns(table)

@@ -1,4 +1,4 @@
-"""What the command lines (train.py, python -m mrl.evaluate) share: an error a user can fix — a config value,
+"""What the command lines (train.py, python -m mrl.eval) share: an error a user can fix — a config value,
 a data row, a file, the run folder, a diverged run — prints as one line naming what to fix, not as a
 traceback. MRL_TRACEBACK=1 shows the traceback; any other exception shows it always.
 """

@@ -17,7 +17,6 @@ tried), so one mirror file serves machines with and without the copies.
 
 import os
 
-import torch
 import yaml
 
 MIRROR_ENV = "MRL_MIRROR"
@@ -63,31 +62,6 @@ def resolve_dataset(spec: dict, mirror: dict) -> dict:
         return spec
     kept = {k: v for k, v in spec.items() if k not in ("path", "name", "data_files", "data_dir")}
     return {**local, **kept}
-
-
-def load_encoder(model_config, mirror: dict, gradient_checkpointing: bool = False):
-    """The config's model (mrl.config.ModelConfig) as an Encoder, from its local copy or the hub, with LoRA
-    adapters if model.lora asks; a hub id that neither provides is an error naming the id, the mirror and the fix."""
-    from .encoder import Encoder
-    from .lora import add_lora
-
-    path = resolve_model(model_config.name, mirror)
-    try:
-        encoder = Encoder.from_pretrained(path, max_seq_length=model_config.max_seq_length,
-                                          normalize=model_config.normalize, dense_dim=model_config.dense_dim,
-                                          dense_activation=model_config.dense_activation,
-                                          dtype=getattr(torch, model_config.dtype), pooling=model_config.pooling,
-                                          include_prompt=model_config.include_prompt, prompts=model_config.prompts,
-                                          append_eos=model_config.append_eos)
-    except OSError as error:  # what transformers raises for a hub id it cannot reach
-        if os.path.isdir(path):  # a local folder that is broken: transformers' own error says how
-            raise
-        raise unreachable("model", model_config.name, mirror, error) from error
-    if gradient_checkpointing:
-        encoder.checkpoint_activations()
-    if model_config.lora.enabled:
-        encoder.backbone, encoder.lora_save = add_lora(encoder.backbone, model_config.lora), model_config.lora.save
-    return encoder
 
 
 def unreachable(kind: str, name: str, mirror: dict, error: Exception) -> RuntimeError:

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from mrl import Encoder
-from mrl.encoder import append_eos_token
+from mrl.model.encoder import append_eos_token
 from mrl.data import Collator, chunk_features
-from mrl.lora import add_lora
-from mrl.pooling import pool
-from mrl.speed import embed_by_length
+from mrl.model.lora import add_lora
+from mrl.model.pooling import pool
+from mrl.run.speed import embed_by_length
 
 from conftest import make_tiny_decoder
 

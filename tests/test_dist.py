@@ -1,5 +1,5 @@
 """Cross-device negatives on 2 CPU processes (gloo) equal 1 process on the same global batch: the loss and
-every parameter's gradient, in float64 — plain, and combined with GradCache. See mrl/dist.py for the math."""
+every parameter's gradient, in float64 — plain, and combined with GradCache. See mrl/loss/dist.py for the math."""
 
 import os
 from functools import partial
@@ -11,11 +11,11 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from mrl import Encoder
-from mrl.dist import gather_columns, gather_with_grad
-from mrl.gradcache import cached_backward
-from mrl.losses import contrastive_loss
-from mrl.matryoshka import MatryoshkaLoss
-from mrl.nested import contrastive_losses_nested
+from mrl.loss.dist import gather_columns, gather_with_grad
+from mrl.run.gradcache import cached_backward
+from mrl.loss.base import contrastive_loss
+from mrl.loss.matryoshka import MatryoshkaLoss
+from mrl.loss.nested import contrastive_losses_nested
 from test_gradcache import ANCHORS, NEGATIVES, POSITIVES
 
 WORLD = 2

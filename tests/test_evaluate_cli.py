@@ -1,11 +1,11 @@
-"""python -m mrl.evaluate: per-dim STS and retrieval of saved models, the tables and the two plots."""
+"""python -m mrl.eval: per-dim STS and retrieval of saved models, the tables and the two plots."""
 
 import json
 
 import pytest
 
 from conftest import SHARED
-from mrl.evaluate import default_dims, main
+from mrl.eval.evaluate import default_dims, main
 
 STSB = SHARED / "data" / "stsb"
 

@@ -8,11 +8,11 @@ from functools import partial
 import pytest
 import torch
 
-from mrl.config import load_config
-from mrl.losses import contrastive_loss, false_negatives
-from mrl.matryoshka import MatryoshkaLoss
-from mrl.nested import contrastive_losses_nested
-from mrl.objective import Objective
+from mrl.run.config import load_config
+from mrl.loss.base import contrastive_loss, false_negatives
+from mrl.loss.matryoshka import MatryoshkaLoss
+from mrl.loss.nested import contrastive_losses_nested
+from mrl.loss.objective import Objective
 
 
 def columns(seed, n=3, batch=6, width=16):

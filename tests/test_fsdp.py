@@ -2,7 +2,7 @@
 processes (gloo) equals 1 process on the same global batch: the loss and every parameter's gradient, in
 float64, for the Matryoshka contrastive loss with cross-device negatives, plain and through GradCache, on an
 encoder and on a decoder. Each process holds half of every parameter; its gradient shard is compared with the
-same slice of the single-process gradient. The save (mrl.sharding.full_model) gathers the full trained weights."""
+same slice of the single-process gradient. The save (mrl.model.sharding.full_model) gathers the full trained weights."""
 
 import os
 from functools import partial
@@ -13,11 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mrl import Encoder
-from mrl.dist import gather_columns
-from mrl.gradcache import cached_backward
-from mrl.losses import contrastive_loss
-from mrl.matryoshka import MatryoshkaLoss
-from mrl.nested import contrastive_losses_nested
+from mrl.loss.dist import gather_columns
+from mrl.run.gradcache import cached_backward
+from mrl.loss.base import contrastive_loss
+from mrl.loss.matryoshka import MatryoshkaLoss
+from mrl.loss.nested import contrastive_losses_nested
 from test_gradcache import ANCHORS, NEGATIVES, POSITIVES
 
 WORLD = 2
@@ -120,7 +120,7 @@ def test_fully_sharded_two_processes_equal_one_process(tmp_path, tiny_model_dir,
 
 
 class _FsdpAccelerator:
-    """What mrl.sharding.full_model reads of an Accelerator under FSDP2; the gather is Accelerate's own code
+    """What mrl.model.sharding.full_model reads of an Accelerator under FSDP2; the gather is Accelerate's own code
     (Accelerator.get_state_dict), which Accelerate runs under FSDP on GPUs only."""
 
     def __init__(self, rank):
@@ -147,7 +147,7 @@ def save_worker(rank, model_dir, init_file, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from mrl.sharding import full_model
+    from mrl.model.sharding import full_model
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -169,7 +169,7 @@ def save_worker(rank, model_dir, init_file, out_dir):
 
 
 def test_the_model_saved_under_fsdp_is_the_whole_trained_model(tmp_path, tiny_model_dir):
-    """train.py's save under FSDP (mrl.sharding.full_model, through Accelerate's gather): after a step on 2 fully
+    """train.py's save under FSDP (mrl.model.sharding.full_model, through Accelerate's gather): after a step on 2 fully
     sharded processes, the main process gets every full weight of the model 1 process trains, and its vectors."""
     mp.spawn(save_worker, args=(str(tiny_model_dir), str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     saved = torch.load(tmp_path / "saved.pt", weights_only=False)

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from mrl import Encoder
-from mrl.gradcache import cached_backward, chunk_features
-from mrl.losses import contrastive_loss
-from mrl.matryoshka import MatryoshkaLoss
-from mrl.nested import contrastive_losses_nested
-from mrl.variants import DimSampler
+from mrl.run.gradcache import cached_backward, chunk_features
+from mrl.loss.base import contrastive_loss
+from mrl.loss.matryoshka import MatryoshkaLoss
+from mrl.loss.nested import contrastive_losses_nested
+from mrl.loss.variants import DimSampler
 
 ANCHORS = ["a man plays a guitar on the stage tonight", "a dog", "two women are talking in a busy cafe", "rain",
            "the child kicks a red ball across the park", "an old car", "snow falls on the quiet mountain village",
@@ -114,7 +114,7 @@ def test_chunk_features_trims_padding_only(tiny_model_dir):
 @pytest.mark.parametrize("groups", [2, 3, 4, 24])
 def test_embedding_in_length_groups_equals_one_forward_in_value_and_gradient(tiny_model_dir, groups):
     """embed_by_length: fewer padded tokens, the same rows in the same order, the same parameter gradients."""
-    from mrl.speed import embed_by_length
+    from mrl.run.speed import embed_by_length
 
     model = encoder(tiny_model_dir, dropout=False)
     features = batch(model)

@@ -1,4 +1,4 @@
-"""mrl.losses and mrl.matryoshka against independent float64 loop formulas, and against sentence-transformers."""
+"""mrl.loss.base and mrl.loss.matryoshka against independent float64 loop formulas, and against sentence-transformers."""
 
 import functools
 import math
@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrl import MatryoshkaLoss, check_dims, contrastive_loss, cosent_loss, cosine_matrix
-from mrl.config import load_config
-from mrl.variants import DimSampler
+from mrl.run.config import load_config
+from mrl.loss.variants import DimSampler
 
 # --- independent reference formulas: explicit loops over scalars, float64 ------------------------------------
 
@@ -186,7 +186,7 @@ def test_cosent_refuses_labels_that_are_not_one_per_pair(shape):
     embeddings = random_columns(3, 2, 4, 3)
     with pytest.raises(ValueError, match=r"labels of shape \(4,\)"):
         cosent_loss(embeddings, torch.rand(shape, dtype=torch.float64))
-    from mrl.nested import cosent_losses_nested
+    from mrl.loss.nested import cosent_losses_nested
     with pytest.raises(ValueError, match=r"labels of shape \(4,\)"):
         cosent_losses_nested(embeddings, torch.rand(shape, dtype=torch.float64), dims=[3, 2])
 

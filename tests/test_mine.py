@@ -1,4 +1,4 @@
-"""Hard-negative mining (mrl.mine) against brute force on a small corpus, and the command end to end: its
+"""Hard-negative mining (mrl.data.mine) against brute force on a small corpus, and the command end to end: its
 output trains as it is."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrl.mine import main, mine
+from mrl.data.mine import main, mine
 from mrl.retrieval.ivf import IVFIndex
 
 from conftest import SHARED

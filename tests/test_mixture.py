@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from mrl.config import load_config
+from mrl.run.config import load_config
 from mrl.data import BatchSampler
-from mrl.mixture import MixtureBatchSampler
+from mrl.data.mixture import MixtureBatchSampler
 from test_train import STSB, encode_saved, read_scalars, train_py
 
 from conftest import SHARED

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mrl.device import device_constant
-from mrl.losses import contrastive_loss, cosent_loss
-from mrl.matryoshka import MatryoshkaLoss
-from mrl.nested import contrastive_losses_nested, cosent_losses_nested, nested_cosine_matrices, nested_pair_cosines
-from mrl.variants import DimSampler, LearnedWeightsMatryoshkaLoss
+from mrl.loss.device import device_constant
+from mrl.loss.base import contrastive_loss, cosent_loss
+from mrl.loss.matryoshka import MatryoshkaLoss
+from mrl.loss.nested import contrastive_losses_nested, cosent_losses_nested, nested_cosine_matrices, nested_pair_cosines
+from mrl.loss.variants import DimSampler, LearnedWeightsMatryoshkaLoss
 
 DIMS = [48, 8, 64, 16, 3]  # any order, a dim that is not a power of two, the full width
 
@@ -111,7 +111,7 @@ class TensorsFromPythonData(TorchDispatchMode):
 @pytest.mark.parametrize("name", ["cosent", "contrastive"])
 @pytest.mark.parametrize("weights", [[1.0, 2.0, 0.5, 1.0, 3.0], "learned"])
 def test_a_training_step_of_the_nested_loss_makes_no_tensor_from_python_data(name, weights):
-    """Its index and weight tensors are made on the first step only (mrl.device.device_constant)."""
+    """Its index and weight tensors are made on the first step only (mrl.loss.device.device_constant)."""
     nested = {"cosent": cosent_losses_nested, "contrastive": contrastive_losses_nested}[name]
     base = {"cosent": cosent_loss, "contrastive": contrastive_loss}[name]
     loss_fn = (LearnedWeightsMatryoshkaLoss(base, DIMS, nested_loss=nested) if weights == "learned"

@@ -10,12 +10,12 @@ from functools import partial
 import pytest
 import torch
 
-from mrl.config import load_config
-from mrl.losses import LOSSES
-from mrl.matryoshka import MatryoshkaLoss
-from mrl.nested import NESTED_LOSSES, NESTED_SCORES
-from mrl.objective import Objective
-from mrl.variants import (DIM_WEIGHT_RULES, DimSampler, LearnedWeightsMatryoshkaLoss, PrefixDistillation,
+from mrl.run.config import load_config
+from mrl.loss.base import LOSSES
+from mrl.loss.matryoshka import MatryoshkaLoss
+from mrl.loss.nested import NESTED_LOSSES, NESTED_SCORES
+from mrl.loss.objective import Objective
+from mrl.loss.variants import (DIM_WEIGHT_RULES, DimSampler, LearnedWeightsMatryoshkaLoss, PrefixDistillation,
                           dim_weights)
 from test_train import encode_saved, run_train
 

@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from mrl import Encoder
-from mrl.config import check_against_model, config_warnings, load_config
+from mrl.run.config import check_against_model, config_warnings, load_config
 from mrl.data import LABEL, BatchSampler, degenerate_data, load_table
-from mrl.losses import contrastive_loss
-from mrl.matryoshka import per_dim_losses
-from mrl.monitor import NonFiniteLoss, StepMonitor
-from mrl.nested import contrastive_losses_nested, cosent_losses_nested
-from mrl.run_folder import finite_or_null, write_outputs
+from mrl.loss.base import contrastive_loss
+from mrl.loss.matryoshka import per_dim_losses
+from mrl.run.monitor import NonFiniteLoss, StepMonitor
+from mrl.loss.nested import contrastive_losses_nested, cosent_losses_nested
+from mrl.run.folder import finite_or_null, write_outputs
 from test_train import STSB, encode_saved, run_train
 
 from conftest import SHARED

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mrl import Encoder
-from mrl.config import load_config
+from mrl.run.config import load_config
 from mrl.data import Collator, chunk_features, padded_length
-from mrl.speed import embed_by_length
+from mrl.run.speed import embed_by_length
 
 from test_train import STSB, run_train
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from mrl import Encoder
-from mrl.config import load_config
+from mrl.run.config import load_config
 from mrl.data import BatchSampler, load_table, text_columns
 from test_train import STSB, train_py
 

@@ -1,4 +1,4 @@
-"""mrl.sts: per-dim STS Spearman, computed by hand; and mrl.report.markdown_table."""
+"""mrl.eval.sts: per-dim STS Spearman, computed by hand; and mrl.eval.report.markdown_table."""
 
 import math
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrl.config import load_config
-from mrl.objective import Objective
+from mrl.run.config import load_config
+from mrl.loss.objective import Objective
 from test_train import STSB, train_py
 
 

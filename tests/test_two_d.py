@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrl.losses import contrastive_loss
-from mrl.matryoshka import MatryoshkaLoss
-from mrl.two_d import Matryoshka2dLoss
+from mrl.loss.base import contrastive_loss
+from mrl.loss.matryoshka import MatryoshkaLoss
+from mrl.loss.two_d import Matryoshka2dLoss
 
 TEXTS = ["a man plays a guitar on the stage", "a dog", "two women talk in a cafe", "it rains"]
 

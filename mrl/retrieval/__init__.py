@@ -8,10 +8,10 @@
     ivf.py       IVFIndex: an inverted-file first stage for large corpora
 """
 
-from .data import RetrievalSet, load_beir, nli_retrieval_set
-from .funnel import FunnelIndex
-from .ivf import IVFIndex
-from .metrics import METRICS, evaluate_retrieval, retrieval_metrics
+from mrl.retrieval.data import RetrievalSet, load_beir, nli_retrieval_set
+from mrl.retrieval.funnel import FunnelIndex
+from mrl.retrieval.ivf import IVFIndex
+from mrl.retrieval.metrics import METRICS, evaluate_retrieval, retrieval_metrics
 
 __all__ = ["RetrievalSet", "load_beir", "nli_retrieval_set", "FunnelIndex", "IVFIndex", "METRICS",
            "evaluate_retrieval", "retrieval_metrics"]

@@ -2,7 +2,7 @@
 and re-scoring of candidates (a funnel's later stages: mrl.retrieval.funnel).
 
 Embeddings here are float tensors at full width; a dim d means the first d columns, re-normalised, exactly as
-in training (mrl.matryoshka).
+in training (mrl.loss.matryoshka).
 """
 
 import torch

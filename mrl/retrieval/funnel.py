@@ -10,9 +10,9 @@ the one before, in float32.
 import torch
 from torch import Tensor
 
-from .exact import prefix, rerank, top_k
-from .ivf import IVFIndex
-from .quantize import int8_scales, quantize_int8, quantize_int8_queries
+from mrl.retrieval.exact import prefix, rerank, top_k
+from mrl.retrieval.ivf import IVFIndex
+from mrl.retrieval.quantize import int8_scales, quantize_int8, quantize_int8_queries
 
 
 class FunnelIndex:

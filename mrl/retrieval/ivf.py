@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .exact import _chunk_top_k
-from .quantize import int8_scales, quantize_int8, quantize_int8_queries
+from mrl.retrieval.exact import _chunk_top_k
+from mrl.retrieval.quantize import int8_scales, quantize_int8, quantize_int8_queries
 
 
 def nearest_centroid(x: Tensor, centroids: Tensor, chunk_size: int = 65_536) -> Tensor:

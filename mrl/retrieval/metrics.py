@@ -1,14 +1,14 @@
 """Retrieval metrics (nDCG@10, MRR@10, Recall@10/100, as BEIR and MTEB compute them) and the per-dim
 evaluation: exact search with the first d dims of full-width embeddings, re-normalised, for each d, exactly
-as the loss truncates (mrl.matryoshka) and as STS evaluation does (mrl.sts).
+as the loss truncates (mrl.loss.matryoshka) and as STS evaluation does (mrl.eval.sts).
 """
 
 import math
 
 from torch import Tensor
 
-from .data import RetrievalSet
-from .exact import prefix, top_k
+from mrl.retrieval.data import RetrievalSet
+from mrl.retrieval.exact import prefix, top_k
 
 METRICS = ("ndcg@10", "mrr@10", "recall@10", "recall@100")
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .exact import prefix, rerank, top_k
+from mrl.retrieval.exact import prefix, rerank, top_k
 
 
 def int8_scales(corpus: Tensor) -> Tensor:

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .losses import cosine_matrix
-from .variants import kl_to_teacher
+from mrl.loss.base import cosine_matrix
+from mrl.loss.variants import kl_to_teacher
 
 
 class Matryoshka2dLoss(nn.Module):
@@ -19,7 +19,7 @@ class Matryoshka2dLoss(nn.Module):
 
     L_M is the Matryoshka loss it wraps; P^l_i = softmax_j( cos(q^l_i, c^l_j) / τ ), each anchor's
     distribution over the batch's candidates (the other columns), at full width; the last layer's P^L is the
-    teacher, detached (mrl.variants.kl_to_teacher). Nothing here touches the model, so it runs under DDP
+    teacher, detached (mrl.loss.variants.kl_to_teacher). Nothing here touches the model, so it runs under DDP
     unchanged (the layers come from one forward's hidden states).
     """
 

@@ -2,7 +2,7 @@
 with named prompts.
 
 Models are saved in the sentence-transformers folder layout (the HF backbone at the root, plus modules.json,
-1_Pooling/, 2_Dense/, ...; mrl.st_format), so that sentence-transformers, MTEB and embedding servers read what
+1_Pooling/, 2_Dense/, ...; mrl.model.folder), so that sentence-transformers, MTEB and embedding servers read what
 we write; `Encoder.from_pretrained` reads that layout or a plain HF model folder, from a local path or a hub id.
 Encoders (BERT, MPNet, ...) and decoder LLMs (Qwen3, Llama, ...) alike load through AutoModel.
 """
@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-from .pooling import POOLING_MODES, mean_pool, pool  # noqa: F401  (mean_pool: part of the public API)
-from .lora import backbone_to_save
-from .st_format import ACTIVATIONS, Layout, read_layout, write_layout
+from mrl.model.pooling import POOLING_MODES, mean_pool, pool  # noqa: F401  (mean_pool: part of the public API)
+from mrl.model.lora import backbone_to_save
+from mrl.model.folder import ACTIVATIONS, Layout, read_layout, write_layout
 
 
 class Encoder(nn.Module):
@@ -25,7 +25,7 @@ class Encoder(nn.Module):
 
     backbone: any transformers AutoModel; tokenizer: its tokenizer; dense: an optional projection head
     (nn.Linear + activation, as in the reduced-dim recipe); normalize: whether the model's output is L2
-    normalised (saved as a Normalize module); pooling: mean | cls | lasttoken (mrl.pooling); prompts: named
+    normalised (saved as a Normalize module); pooling: mean | cls | lasttoken (mrl.model.pooling); prompts: named
     prompt texts (e.g. {"query": "query: "}), prepended to a text before tokenising; include_prompt=False
     leaves a prompt's tokens out of the pooled embedding.
     """
@@ -172,7 +172,7 @@ class Encoder(nn.Module):
         embeddings = embeddings[:, :truncate_dim]
         return F.normalize(embeddings, dim=-1) if normalize else embeddings
 
-    # --- the sentence-transformers folder layout (mrl.st_format) ---------------------------------------------
+    # --- the sentence-transformers folder layout (mrl.model.folder) ---------------------------------------------
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, max_seq_length: int | None = None, normalize: bool | None = None,
@@ -216,7 +216,7 @@ class Encoder(nn.Module):
         encoder.name_or_path = name_or_path  # where it was loaded from (a local copy, for a mirrored hub id)
         return encoder.to(dtype).eval()  # like transformers: loaded models start in eval mode
 
-    lora_save = "merged"  # with LoRA adapters (mrl.lora): save them merged into the weights, or "adapter" alone
+    lora_save = "merged"  # with LoRA adapters (mrl.model.lora): save them merged into the weights, or "adapter" alone
 
     def save(self, path: str, matryoshka_dims: list[int] | None = None) -> None:
         """Write the sentence-transformers layout: backbone + tokenizer at the root, module configs beside."""

@@ -2,10 +2,10 @@
 its positive skipped, within a rank window, with a margin rule against false negatives; written as a dataset
 with negative columns that train.py reads as it is.
 
-    python -m mrl.mine --model runs/default/model --data "{path: json, data_files: pairs.jsonl, split: train}" \\
+    python -m mrl.data.mine --model runs/default/model --data "{path: json, data_files: pairs.jsonl, split: train}" \\
         --negatives 1 --range-min 10 --range-max 100 --relative-margin 0.05 --out runs/mined.jsonl
-    python -m mrl.mine ... --corpus corpus.txt            # search a corpus of its own (a text a line)
-    python -m mrl.mine ... --ivf 1024 --probes 64         # an approximate index, for a corpus of millions
+    python -m mrl.data.mine ... --corpus corpus.txt            # search a corpus of its own (a text a line)
+    python -m mrl.data.mine ... --ivf 1024 --probes 64         # an approximate index, for a corpus of millions
 
 For each anchor a, with s(x) its cosine to x (the full-width embeddings, as the model encodes them):
   1. candidates: the corpus texts at ranks range_min .. range_max-1 of a's search (0 = the most similar),
@@ -25,9 +25,9 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from .cli import one_line_errors
-from .retrieval.exact import prefix, top_k
-from .retrieval.ivf import IVFIndex
+from mrl.cli import one_line_errors
+from mrl.retrieval.exact import prefix, top_k
+from mrl.retrieval.ivf import IVFIndex
 
 
 def mine(anchors: list[str], positives: list[str], corpus: list[str], anchor_embeddings: torch.Tensor,
@@ -66,7 +66,7 @@ def mine(anchors: list[str], positives: list[str], corpus: list[str], anchor_emb
 
 def main(argv=None):
     sys.excepthook = one_line_errors
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m mrl.data.mine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a model folder or hub id")
     parser.add_argument("--data", required=True, help="a dataset spec (YAML) of (anchor, positive) pairs")
     parser.add_argument("--columns", nargs=2, default=None, metavar=("ANCHOR", "POSITIVE"),
@@ -93,9 +93,9 @@ def main(argv=None):
 
     import yaml
 
-    from .data import load_table, text_columns
-    from .encoder import Encoder
-    from .sources import load_mirror, resolve_model
+    from mrl.data.tables import load_table, text_columns
+    from mrl.model.encoder import Encoder
+    from mrl.sources import load_mirror, resolve_model
 
     mirror = load_mirror(args.mirror)
     table = load_table(yaml.safe_load(args.data), "--data", mirror=mirror)

@@ -1,29 +1,29 @@
 """The training objective of a config's `loss` section: one callable from a step's embeddings to its loss.
 
-    base loss (mrl.losses, named by loss.name)
-      -> MatryoshkaLoss over loss.dims, every dim from one batched computation (mrl.nested), weights by
-         loss.dim_weights (a list, a rule, or learned: mrl.variants)
+    base loss (mrl.loss.base, named by loss.name)
+      -> MatryoshkaLoss over loss.dims, every dim from one batched computation (mrl.loss.nested), weights by
+         loss.dim_weights (a list, a rule, or learned: mrl.loss.variants)
       -> + prefix self-distillation (loss.distill) -> + distillation from a teacher (loss.teacher)
       -> 2D Matryoshka over layers (loss.two_d)
 with the dims of each step drawn by a DimSampler (loss.dim_sampling), every process's embeddings gathered
-first with cross-device negatives (mrl.dist), and likely false negatives left out of each anchor's
-denominator with loss.false_negative_margin (mrl.losses.false_negatives).
+first with cross-device negatives (mrl.loss.dist), and likely false negatives left out of each anchor's
+denominator with loss.false_negative_margin (mrl.loss.base.false_negatives).
 """
 
 from torch import Tensor
 
-from .dist import gather_columns
-from .losses import false_negatives
-from .matryoshka import MatryoshkaLoss
-from .nested import NESTED_SCORES, losses_for
-from .two_d import Matryoshka2dLoss
-from .variants import (DimSampler, LearnedWeightsMatryoshkaLoss, PrefixDistillation, TeacherDistillation,
+from mrl.loss.dist import gather_columns
+from mrl.loss.base import false_negatives
+from mrl.loss.matryoshka import MatryoshkaLoss
+from mrl.loss.nested import NESTED_SCORES, losses_for
+from mrl.loss.two_d import Matryoshka2dLoss
+from mrl.loss.variants import (DimSampler, LearnedWeightsMatryoshkaLoss, PrefixDistillation, TeacherDistillation,
                        dim_weights)
 
 
 class Objective:
     """objective(embeddings, labels) -> (total, per_dim), for this process's embeddings (one (B, D) tensor
-    per text column, or (B, L, D) with every layer's for 2D). loss_config: mrl.config.LossConfig; width: the
+    per text column, or (B, L, D) with every layer's for 2D). loss_config: mrl.run.config.LossConfig; width: the
     model's embedding size (the baseline trains that dim alone); n_processes: for the cross-device default.
 
     Attributes: `loss` (the nn.Module to checkpoint and whose parameters, if any, to train), `matryoshka` (the

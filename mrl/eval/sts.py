@@ -27,7 +27,7 @@ def evaluate_sts(encoder, table, dims: list[int], batch_size: int = 128, show_pr
     n_layers=k scores the embeddings of the backbone's first k layers (2D Matryoshka); prompt: a name of the
     model's prompts, or a text, prepended to every sentence.
     """
-    from .data import LABEL, text_columns  # the table layout of mrl.data
+    from mrl.data.tables import LABEL, text_columns  # the table layout of mrl.data
 
     first, second = text_columns(table)[:2]
     s1, s2 = list(table[first]), list(table[second])

@@ -21,8 +21,7 @@ import random
 
 import torch
 
-from .config import ModelConfig, check_train_columns, dataset_field, dataset_loss, uses_no_duplicates
-from .data import TEACHER, BatchSampler, Collator, degenerate_data, text_columns
+from mrl.data.batches import BatchSampler
 
 
 class MixtureBatchSampler:
@@ -109,49 +108,3 @@ class MixtureCollator:
         batch = self.collators[d]([row for _, row in items])
         batch["dataset"] = d
         return batch
-
-
-def training_batches(cfg, specs: dict[str, dict], tables: dict, model, processes: int, mirror: dict | None = None,
-                     device=None):
-    """(table, batch sampler, collator, warnings) for the training tables, each checked against its loss and
-    prompts (mrl.config.check_train_columns): each dataset its own no-duplicates batches (on for a contrastive
-    loss unless data.no_duplicates says), prompts and collator, its token ids computed once up front (cached),
-    and with a teacher model (loss.teacher.model) its embedding of every text; the warnings of any dataset that
-    trains little (mrl.data.degenerate_data) or leaves rows out of every epoch."""
-    samplers, collators, warnings, tokenised = [], [], [], []
-    teacher = None
-    if cfg.loss.teacher.model not in (None, "data"):  # loaded as it was saved (its own pooling, prompts, ...)
-        from .sources import load_encoder
-
-        teacher = load_encoder(ModelConfig(name=cfg.loss.teacher.model), mirror or {}).to(device or "cpu")
-    for name, table in tables.items():
-        spec, columns = specs[name], text_columns(table)
-        check_train_columns(cfg, name, columns)  # its columns suit its loss and its prompts
-        loss = dataset_loss(spec, cfg.loss.name)
-        samplers.append(BatchSampler(list(zip(*(table[c] for c in columns))), cfg.train.batch_size,
-                                     uses_no_duplicates(cfg, loss),
-                                     cfg.train.drop_last, cfg.train.seed, processes=processes))
-        collators.append(Collator(columns, model.tokenizer, model.max_seq_length, cfg.speed.pad_to_multiple_of,
-                                  *model.column_prompts(spec.get("prompts", cfg.data.prompts))))
-        warnings += [f"{name}: {w}" if len(tables) > 1 else w
-                     for w in degenerate_data(table, loss, samplers[-1])]
-        if cfg.loss.teacher.model is None:  # teacher embeddings in the data, but no teacher asked for: not used
-            table = table.remove_columns([c + TEACHER for c in columns if c + TEACHER in table.column_names])
-        if teacher is not None:  # its embeddings, computed once here: `<column>.teacher` (mrl.data.Collator)
-            for c in columns:
-                embeddings = teacher.encode(list(table[c]), normalize=False)
-                table = table.add_column(c + TEACHER, embeddings.tolist())
-        if cfg.loss.teacher.model is not None and not all(c + TEACHER in table.column_names for c in columns):
-            if len(tables) == 1:
-                raise ValueError(f"loss.teacher: {name} has no teacher embeddings for its columns {columns} "
-                                 f"(columns <column>.teacher, or a loss.teacher.model to compute them)")
-            warnings.append(f"loss.teacher: {name} has no teacher embeddings (<column>.teacher) for {columns}: its "
-                            "batches are not distilled")
-        tokenised.append(collators[-1].pretokenize(table))
-    sampler = MixtureBatchSampler(samplers, [float(specs[name].get("weight", 1.0)) for name in tables],
-                                  cfg.data.mixture, cfg.train.seed, processes)
-    for d, name in enumerate(tables):
-        if n := sampler.left_out(d):
-            warnings.append(f"{dataset_field(name, tables)}: the last {n} row(s) of an epoch's shuffle are fewer "
-                            f"than the {processes} processes and are left out of that epoch")
-    return MixtureTable(tokenised), sampler, MixtureCollator(collators), warnings

@@ -1,6 +1,6 @@
-"""The losses of mrl.losses at every prefix length at once, for the cost of about one full-width computation.
+"""The losses of mrl.loss.base at every prefix length at once, for the cost of about one full-width computation.
 
-MRL scores the same batch at several widths d: the definition (mrl.matryoshka) slices, re-normalises and
+MRL scores the same batch at several widths d: the definition (mrl.loss.matryoshka) slices, re-normalises and
 calls the loss once per d. Here every d comes from one pass instead. With the dims sorted d_1 < d_2 < ...
 and d_0 = 0, the dot products of the d_k-dim prefixes are prefix sums of block products, and their norms
 prefix sums of squares:
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .device import device_constant
-from .losses import LOSSES, check_columns, check_labels, cosent_from_cosines
+from mrl.loss.device import device_constant
+from mrl.loss.base import LOSSES, check_columns, check_labels, cosent_from_cosines
 
 
 def nested_cosine_matrices(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
@@ -62,7 +62,7 @@ def _prefix_norms(x: Tensor, dims: list[int]) -> Tensor:
 def contrastive_losses_nested(embeddings: list[Tensor], labels: Tensor | None = None, *, dims: list[int],
                               scale: float = 20.0, symmetric: bool = False, rows: Tensor | None = None,
                               exclude: Tensor | None = None) -> Tensor:
-    """mrl.losses.contrastive_loss at every prefix length d in `dims` at once: (len(dims),), in dims' order; one
+    """mrl.loss.base.contrastive_loss at every prefix length d in `dims` at once: (len(dims),), in dims' order; one
     `exclude` mask (false negatives, decided at full width) for every prefix."""
     check_columns("contrastive", len(embeddings))
     q, p, candidates = embeddings[0], embeddings[1], torch.cat(embeddings[1:])
@@ -80,7 +80,7 @@ def contrastive_losses_nested(embeddings: list[Tensor], labels: Tensor | None = 
 
 
 def cosent_losses_nested(embeddings: list[Tensor], labels: Tensor, *, dims: list[int], scale: float = 20.0) -> Tensor:
-    """mrl.losses.cosent_loss at every prefix length d in `dims` at once: (len(dims),), in dims' order."""
+    """mrl.loss.base.cosent_loss at every prefix length d in `dims` at once: (len(dims),), in dims' order."""
     check_columns("cosent", len(embeddings))
     check_labels(labels, len(embeddings[0]))
     return cosent_from_cosines(nested_pair_cosines(*embeddings, dims), labels, scale)

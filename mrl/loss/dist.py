@@ -42,7 +42,7 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
 
 def gather_columns(embeddings: list[Tensor]) -> tuple[list[Tensor], Tensor]:
     """Every process's rows of each text column (one collective for all columns), and the indices of this
-    process's own rows in them: the `rows` argument of mrl.losses.contrastive_loss."""
+    process's own rows in them: the `rows` argument of mrl.loss.base.contrastive_loss."""
     stacked, offset = gather_with_grad(torch.stack(embeddings, dim=1))  # (Σ_r b_r, k, D)
     rows = torch.arange(offset, offset + len(embeddings[0]), device=stacked.device)
     return list(stacked.unbind(1)), rows

@@ -1,9 +1,9 @@
-"""Beyond plain MRL: pieces that compose with mrl.matryoshka.MatryoshkaLoss, each off by default.
+"""Beyond plain MRL: pieces that compose with mrl.loss.matryoshka.MatryoshkaLoss, each off by default.
 
 - Dim weights by a rule (`dim_weights`) or learned (`LearnedWeightsMatryoshkaLoss`: uncertainty weighting).
 - A few dims per step (`DimSampler`: drawn at random or in turn; its position travels in checkpoints).
 - Prefix self-distillation (`PrefixDistillation`): each prefix's in-batch similarity distribution is pulled
-  toward the full width's, through `kl_to_teacher`, the KL that 2D Matryoshka (mrl.two_d) uses too.
+  toward the full width's, through `kl_to_teacher`, the KL that 2D Matryoshka (mrl.loss.two_d) uses too.
 - Distillation from a teacher model into every prefix (`TeacherDistillation`): the same KL toward the
   teacher's distribution, and where the widths match an MSE toward the teacher's embeddings, truncated alike.
 Each is checked against a float64 formula of its own in tests/test_quality_options.py.
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .device import device_constant
-from .matryoshka import MatryoshkaLoss
+from mrl.loss.device import device_constant
+from mrl.loss.matryoshka import MatryoshkaLoss
 
 # Fixed rules for the weight of each dim d of a model of width D; rescaled so that the weights average 1 (the
 # total loss then has the scale of uniform weights, and one learning rate serves every rule)
@@ -126,7 +126,7 @@ class PrefixDistillation(nn.Module):
         L = L_matryoshka + weight · Σ_{d < D} KL( P^D ‖ P^d )        (kl_to_teacher)
 
     where P^d is the softmax at `temperature` of the batch's scores at width d, given by
-    scores(embeddings, dims=[...]) -> (n, R, C) (mrl.nested.NESTED_SCORES: each anchor's cosines to every
+    scores(embeddings, dims=[...]) -> (n, R, C) (mrl.loss.nested.NESTED_SCORES: each anchor's cosines to every
     candidate for the contrastive loss, the pair cosines of the batch for CoSENT). The teacher is the
     embeddings' full width D, also when the largest trained dim is smaller.
     """

@@ -13,7 +13,7 @@ from torch import nn
 
 
 def add_lora(backbone: nn.Module, config) -> nn.Module:
-    """`backbone` wrapped by peft with adapters as mrl.config.LoraConfig says; only the adapters train."""
+    """`backbone` wrapped by peft with adapters as mrl.run.config.LoraConfig says; only the adapters train."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:

@@ -7,10 +7,10 @@ weighted and summed:
     L = Σ_{d ∈ dims} w_d · L_base( [normalize(e[:, :d]) for e in embeddings], labels )
 
 All dims come from ONE encoder forward: each only slices it, so they share that forward and its backward.
-`per_dim_losses` below is that loop, the definition. mrl.nested computes the same per-dim losses for every d
+`per_dim_losses` below is that loop, the definition. mrl.loss.nested computes the same per-dim losses for every d
 at once (prefix sums); passed as `nested_loss`, it replaces the loop, and tests/test_nested.py pins the two
 equal in value and gradient. Training uses it. What goes beyond plain MRL (dim weights by rule or learned, a
-few dims per step, prefix distillation) is in mrl.variants, and 2D Matryoshka in mrl.two_d.
+few dims per step, prefix distillation) is in mrl.loss.variants, and 2D Matryoshka in mrl.loss.two_d.
 """
 
 import math
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .device import device_constant
+from mrl.loss.device import device_constant
 
 
 def per_dim_losses(base_loss: Callable[..., Tensor], embeddings: list[Tensor], labels: Tensor | None,
@@ -34,13 +34,13 @@ class MatryoshkaLoss(nn.Module):
     """L = Σ_d w_d · L_base(normalize(e[:, :d]) for every column e), over `dims`.
 
     base_loss(embeddings, labels, **kwargs) -> scalar: any loss on a list of (B, D) columns, e.g. a function of
-    mrl.losses with its keyword arguments bound. weights: one per dim, in dims' order (default: all 1).
+    mrl.loss.base with its keyword arguments bound. weights: one per dim, in dims' order (default: all 1).
     nested_loss(embeddings, labels, dims=[...], **kwargs) -> (len(dims),), optional: the same losses for all
-    dims at once (mrl.nested), used instead of the loop.
+    dims at once (mrl.loss.nested), used instead of the loop.
 
     forward(embeddings, labels, dims=None, **kwargs) -> (total, per_dim): the total and each dim's unweighted
     loss, detached, for logging. dims: the dims this call trains, a subset of `dims` (default: all of them;
-    mrl.variants.DimSampler draws subsets). Extra keyword arguments (e.g. `rows`, for cross-device negatives)
+    mrl.loss.variants.DimSampler draws subsets). Extra keyword arguments (e.g. `rows`, for cross-device negatives)
     go to the loss.
     """
 

@@ -4,7 +4,7 @@ the model.
 
 Both losses score pairs by cosine similarity, so they are invariant to the scale of each embedding: a
 Matryoshka prefix e[:, :d] and its re-normalised version give the same value. The same losses for every
-prefix at once are in mrl.nested; the Matryoshka sum over prefixes is mrl.matryoshka.
+prefix at once are in mrl.loss.nested; the Matryoshka sum over prefixes is mrl.loss.matryoshka.
 """
 
 import torch
@@ -31,7 +31,7 @@ def contrastive_loss(embeddings: list[Tensor], labels: Tensor | None = None, *, 
     symmetric=True averages L with the reverse direction, each positive picking its anchor among all anchors:
         L_sym = ( L + -1/B Σ_i log( exp(s·cos(p_i, q_i)) / Σ_j exp(s·cos(p_i, q_j)) ) ) / 2
 
-    Cross-device negatives: the columns hold the rows of every process (see mrl.dist), and `rows` (b,) are the
+    Cross-device negatives: the columns hold the rows of every process (see mrl.loss.dist), and `rows` (b,) are the
     indices of this process's own anchors; the mean then runs over those b anchors, each against every
     process's candidates. Default: all rows. `labels` is ignored (the targets are the diagonal); it is
     accepted so that every loss has one signature.

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .data import chunk_features
+from mrl.data.batches import chunk_features
 
 
 def length_groups_for(n_texts: int, setting: int | None, device: torch.device) -> int:

@@ -17,7 +17,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import Tensor
 
-from .data import chunk_features
+from mrl.data.batches import chunk_features
 
 
 class RngState:

@@ -1,10 +1,10 @@
 """Evaluate saved models at every dim on STS and retrieval; write JSON, Markdown tables and the blog's two plots.
 
-    python -m mrl.evaluate --model runs/default/model --model runs/baseline/model --name Matryoshka --name baseline \
+    python -m mrl.eval --model runs/default/model --model runs/baseline/model --name Matryoshka --name baseline \
         --nli-triplets data/nli/triplets.jsonl.gz data/nli/triplets-extra.jsonl.gz \
         --quantization --out runs/eval
 
-    python -m mrl.evaluate --from-results runs/default/results.json runs/baseline/results.json --out runs/plots
+    python -m mrl.eval --from-results runs/default/results.json runs/baseline/results.json --out runs/plots
 
 Writes to --out: results.json, results.md and PNG plots (matplotlib, `pip install -e .[plots]`): the score per
 dim of each model, and each model's score relative to its own best dim. STS data is a dataset spec (hub id or
@@ -20,14 +20,14 @@ import sys
 import torch
 import yaml
 
-from .cli import one_line_errors
-from .data import load_table
-from .report import markdown_table
-from .retrieval.data import load_beir, nli_retrieval_set
-from .retrieval.metrics import METRICS, evaluate_retrieval, rankings_from, retrieval_metrics
-from .retrieval.quantize import quantized_search, storage_bytes
-from .sources import load_mirror, resolve_model
-from .sts import evaluate_sts
+from mrl.cli import one_line_errors
+from mrl.data.tables import load_table
+from mrl.eval.report import markdown_table
+from mrl.retrieval.data import load_beir, nli_retrieval_set
+from mrl.retrieval.metrics import METRICS, evaluate_retrieval, rankings_from, retrieval_metrics
+from mrl.retrieval.quantize import quantized_search, storage_bytes
+from mrl.sources import load_mirror, resolve_model
+from mrl.eval.sts import evaluate_sts
 
 DEFAULT_STS = "{path: sentence-transformers/stsb, split: test}"
 
@@ -88,7 +88,7 @@ def plot(scores: dict[str, dict[int, float]], ylabel: str, title: str, path_stem
 
 
 def evaluate_models(args) -> dict:
-    from .encoder import Encoder
+    from mrl.model.encoder import Encoder
 
     mirror = load_mirror(args.mirror)
     sts_table = load_table(yaml.safe_load(args.sts), "--sts", needs_label=True, mirror=mirror) if args.sts else None
@@ -162,9 +162,9 @@ def from_run_results(paths: list[str], names: list[str]) -> dict:
     return results
 
 
-def main(argv=None):
+def main(argv=None, prog: str | None = None):
     sys.excepthook = one_line_errors  # an error a user can fix prints as one line (mrl/cli.py)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=[], help="model folder or hub id (repeat for several)")
     parser.add_argument("--name", action="append", default=[], help="a name per --model (default: the path)")
     parser.add_argument("--from-results", nargs="+", default=[], help="train.py results.json files to plot")
@@ -191,6 +191,3 @@ def main(argv=None):
     results = evaluate_models(args) if args.model else from_run_results(args.from_results, args.name)
     write_outputs(results, args.out, plots=not args.no_plots)
 
-
-if __name__ == "__main__":
-    main()

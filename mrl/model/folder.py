@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .pooling import POOLING_MODES
+from mrl.model.pooling import POOLING_MODES
 
 ACTIVATIONS = {"tanh": nn.Tanh, "identity": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU}
 ST_ACTIVATION_NAMES = {"tanh": "torch.nn.modules.activation.Tanh", "identity": "torch.nn.modules.linear.Identity",
@@ -33,7 +33,7 @@ class Layout:
     dense: nn.Linear | None = None  # the projection head, loaded
     dense_activation: str | None = None  # its activation, a key of ACTIVATIONS
     normalize: bool = True  # a Normalize module (a plain HF folder, with no modules.json: True)
-    pooling: str = "mean"  # a mode of mrl.pooling.POOLING_MODES
+    pooling: str = "mean"  # a mode of mrl.model.pooling.POOLING_MODES
     include_prompt: bool = True  # False: a prompt's tokens are left out of the pooled embedding
     prompts: dict = field(default_factory=dict)  # named prompts, e.g. {"query": "query: "}
     default_prompt_name: str | None = None

@@ -24,8 +24,8 @@ import shutil
 import torch
 import yaml
 
-from .monitor import NonFiniteLoss
-from .report import model_card, results_markdown
+from mrl.run.monitor import NonFiniteLoss
+from mrl.eval.report import model_card, results_markdown
 
 INCOMPLETE = ".incomplete"  # the suffix of a checkpoint folder still being written
 # what a checkpoint must share with the run that resumes it (the rest: length of training, logging, evaluation,

@@ -4,7 +4,7 @@ A recipe holds only what differs from the defaults, or from the recipe it names 
 Related fields sit in groups (loss.dim_sampling, loss.distill, loss.two_d, speed). Unknown keys and values of
 the wrong type fail at load time with the field's dotted name, before any model or data is touched. Dataset
 specs are dicts of `datasets.load_dataset` keyword arguments plus keys of ours (see `mrl.data.load_table`, and
-`mrl/mixture.py` for a mixture's).
+`mrl/data/mixture.py` for a mixture's).
 """
 
 import dataclasses
@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from . import losses
-from .losses import LOSSES
-from .matryoshka import check_dims, check_weights
-from .pooling import POOLING_MODES
-from .two_d import check_layers_per_step
-from .variants import DIM_WEIGHT_RULES, check_dim_sampling, check_distillation
+
+from mrl.loss.base import LOSSES, check_columns
+from mrl.loss.matryoshka import check_dims, check_weights
+from mrl.model.pooling import POOLING_MODES
+from mrl.loss.two_d import check_layers_per_step
+from mrl.loss.variants import DIM_WEIGHT_RULES, check_dim_sampling, check_distillation
 
 STSB = "sentence-transformers/stsb"
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -44,7 +44,7 @@ class ModelConfig:
 
 
 @dataclass
-class LoraConfig:  # model.lora: train low-rank adapters instead of the backbone's weights (peft; mrl/lora.py)
+class LoraConfig:  # model.lora: train low-rank adapters instead of the backbone's weights (peft; mrl/model/lora.py)
     enabled: bool = False
     r: int = 16  # the adapters' rank
     alpha: float = 32.0  # their scale is alpha / r
@@ -57,7 +57,7 @@ class LoraConfig:  # model.lora: train low-rank adapters instead of the backbone
 class DataConfig:
     train: dict = field(default_factory=lambda: {"path": STSB, "split": "train"})
     no_duplicates: bool | None = None  # a text appears at most once per batch; None: on for contrastive losses
-    mixture: str = "proportional"  # with several datasets in data.train: proportional | round_robin (mrl/mixture.py)
+    mixture: str = "proportional"  # with several datasets in data.train: proportional | round_robin (mrl/data/mixture.py)
     # a prompt per text column: a name of the model's prompts (model.prompts) or the text itself,
     # e.g. {anchor: query, positive: document, negative: document}
     prompts: dict | None = None
@@ -65,20 +65,20 @@ class DataConfig:
 
 
 @dataclass
-class DimSamplingConfig:  # loss.dim_sampling: train a few of the dims per step (mrl.variants.DimSampler)
+class DimSamplingConfig:  # loss.dim_sampling: train a few of the dims per step (mrl.loss.variants.DimSampler)
     dims_per_step: int | None = None  # None: every dim, every step (plain MRL)
     schedule: str = "random"  # random | cyclic (each dim in turn, equally often)
     always_full: bool = False  # the largest dim is always one of them
 
 
 @dataclass
-class DistillConfig:  # loss.distill: prefix self-distillation (mrl.variants.PrefixDistillation)
+class DistillConfig:  # loss.distill: prefix self-distillation (mrl.loss.variants.PrefixDistillation)
     weight: float = 0.0  # 0: off; else w in L + w·Σ_d KL(P_full ‖ P_d)
     temperature: float = 0.05
 
 
 @dataclass
-class TwoDConfig:  # loss.two_d: 2D Matryoshka (mrl.two_d.Matryoshka2dLoss): also train earlier layers' embeddings
+class TwoDConfig:  # loss.two_d: 2D Matryoshka (mrl.loss.two_d.Matryoshka2dLoss): also train earlier layers' embeddings
     enabled: bool = False
     layers_per_step: int = 1  # earlier layers trained per step, drawn at random
     layer_weight: float = 1.0  # weight of an earlier layer's Matryoshka loss
@@ -87,7 +87,7 @@ class TwoDConfig:  # loss.two_d: 2D Matryoshka (mrl.two_d.Matryoshka2dLoss): als
 
 
 @dataclass
-class TeacherConfig:  # loss.teacher: distil a teacher into every prefix (mrl.variants.TeacherDistillation)
+class TeacherConfig:  # loss.teacher: distil a teacher into every prefix (mrl.loss.variants.TeacherDistillation)
     # a model folder or hub id: its embeddings of every training text are computed once, before training;
     # "data": they come with the data, a column "<text column>.teacher" of each table; None: off
     model: str | None = None
@@ -98,20 +98,20 @@ class TeacherConfig:  # loss.teacher: distil a teacher into every prefix (mrl.va
 
 @dataclass
 class LossConfig:
-    name: str = "cosent"  # one of mrl.losses.LOSSES: cosent | contrastive
+    name: str = "cosent"  # one of mrl.loss.base.LOSSES: cosent | contrastive
     scale: float = 20.0  # inverse temperature on cosines
     symmetric: bool = False  # contrastive only: also score positives -> anchors
     matryoshka: bool = True  # False: the base loss at full width only (the baseline)
     dims: list[int] = field(default_factory=lambda: [384, 256, 128, 64, 32, 16, 8])
-    # one weight per dim, or a rule: uniform | proportional | inverse_sqrt | inverse (mrl.variants.DIM_WEIGHT_RULES)
+    # one weight per dim, or a rule: uniform | proportional | inverse_sqrt | inverse (mrl.loss.variants.DIM_WEIGHT_RULES)
     # | learned (uncertainty weighting, trained at dim_weight_lr); None: all 1
     dim_weights: list[float] | str | None = None
     dim_weight_lr: float = 1e-2  # peak learning rate of the learned dim weights (own group, same schedule)
-    # contrastive: score each anchor against the candidates of every process (mrl/dist.py);
+    # contrastive: score each anchor against the candidates of every process (mrl/loss/dist.py);
     # None: on whenever a contrastive run has several processes
     cross_device: bool | None = None
     # contrastive: leave out of an anchor's denominator each candidate it scores above its own positive plus
-    # this margin, at full width (likely false negatives; mrl.losses.false_negatives); None: off
+    # this margin, at full width (likely false negatives; mrl.loss.base.false_negatives); None: off
     false_negative_margin: float | None = None
     dim_sampling: DimSamplingConfig = field(default_factory=DimSamplingConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -133,13 +133,13 @@ class TrainConfig:
     seed: int = 0
     drop_last: bool = False  # drop a last, smaller batch of each epoch
     save_every: int = 0  # checkpoint every N optimiser steps (0: only at the end)
-    # GradCache (mrl/gradcache.py): embed the batch in chunks of this many texts, exactly; memory of one chunk
+    # GradCache (mrl/run/gradcache.py): embed the batch in chunks of this many texts, exactly; memory of one chunk
     cache_chunk_size: int | None = None
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, more time
 
 
 @dataclass
-class SpeedConfig:  # how a batch is computed, never what: each option gives the same embeddings (mrl/speed.py)
+class SpeedConfig:  # how a batch is computed, never what: each option gives the same embeddings (mrl/run/speed.py)
     # embed each batch as this many forwards over texts of similar length (less padding);
     # None: 1 on a GPU (launch-bound at small batches), on a CPU (compute-bound) groups of about 32 texts, at
     # least 2 (2 for 16 STS pairs, 12 for 128 NLI triplets). GradCache embeds in its own chunks instead
@@ -458,7 +458,7 @@ def position_limit(config) -> int | None:
 
 
 def named_specs(train: dict) -> dict[str, dict]:
-    """data.train as {name: spec}: one plain spec is the mixture of one dataset, named 'train' (mrl/mixture.py).
+    """data.train as {name: spec}: one plain spec is the mixture of one dataset, named 'train' (mrl/data/mixture.py).
     A mixture is a mapping whose every value is a spec (a mapping); anything else is one spec."""
     is_mixture = train and "path" not in train and all(isinstance(v, dict) for v in train.values())
     return dict(train) if is_mixture else {"train": train}
@@ -485,7 +485,7 @@ def check_train_columns(cfg: Config, name: str, columns: list[str]) -> None:
     specs = named_specs(cfg.data.train)
     spec, where = specs[name], dataset_field(name, specs)
     try:
-        losses.check_columns(dataset_loss(spec, cfg.loss.name), len(columns))
+        check_columns(dataset_loss(spec, cfg.loss.name), len(columns))
     except ValueError as error:
         raise ValueError(f"{where}.columns: {error}; the table has {columns}") from None
     unknown = sorted(set(spec.get("prompts", cfg.data.prompts) or {}) - set(columns))
