@@ -36,15 +36,12 @@ def one_variant(args) -> dict:
     from mrl.loss.nested import contrastive_losses_nested
 
     torch.manual_seed(0)
-    model = Encoder.from_pretrained(args.model, pooling="lasttoken", append_eos=True).train()
-    if "checkpointing" in args.options:
-        model.checkpoint_activations()
-    if "lora" in args.options:
-        from mrl.model.lora import add_lora
+    class Lora:
+        r, alpha, dropout, target_modules, save = 16, 32.0, 0.0, "all-linear", "merged"
 
-        class Lora:
-            r, alpha, dropout, target_modules = 16, 32.0, 0.0, "all-linear"
-        model.backbone = add_lora(model.backbone, Lora)
+    model = Encoder.from_pretrained(args.model, pooling="lasttoken", append_eos=True,
+                                    gradient_checkpointing="checkpointing" in args.options,
+                                    lora=Lora if "lora" in args.options else None).train()
     with gzip.open(os.path.join(args.shared, "data", "nli", "triplets.jsonl.gz"), "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line, _ in zip(f, range(args.batch * (args.steps + 1)))]
     loss_fn = MatryoshkaLoss(partial(contrastive_loss, scale=20.0), [args.hidden, args.hidden // 2, args.hidden // 4],

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from mrl import Encoder
 from mrl.model.encoder import append_eos_token
 from mrl.data import Collator, chunk_features
-from mrl.model.lora import add_lora
 from mrl.model.pooling import pool
 from mrl.run.speed import embed_by_length
 
@@ -132,9 +131,9 @@ def test_column_prompts_reach_the_batch_with_their_lengths(tiny_model_dir):
 
 # --- what sentence-transformers reads ------------------------------------------------------------------------------
 
-def cls_encoder(tiny_model_dir):
+def cls_encoder(tiny_model_dir, **kwargs):
     return Encoder.from_pretrained(str(tiny_model_dir), pooling="cls", include_prompt=False,
-                                   prompts={"query": "query: ", "document": ""})
+                                   prompts={"query": "query: ", "document": ""}, **kwargs)
 
 
 @pytest.mark.parametrize("kind", ["mean", "cls", "lasttoken-decoder"])
@@ -160,19 +159,19 @@ def test_sentence_transformers_reads_each_pooling_and_the_prompts(tiny_model_dir
 # --- LoRA ------------------------------------------------------------------------------------------------------------
 
 class LoraSettings:
-    r, alpha, dropout, target_modules = 4, 8.0, 0.0, "all-linear"
+    r, alpha, dropout, target_modules, save = 4, 8.0, 0.0, "all-linear", "merged"
 
 
 @pytest.mark.parametrize("kind", ["mean", "cls", "lasttoken-decoder"])
 def test_lora_trains_only_the_adapters_and_the_merged_model_loads_in_sentence_transformers(
         tiny_model_dir, tiny_decoder_dir, tmp_path, kind):
     pytest.importorskip("peft")
-    model = {"mean": lambda: Encoder.from_pretrained(str(tiny_model_dir)),
-             "cls": lambda: cls_encoder(tiny_model_dir),
-             "lasttoken-decoder": lambda: Encoder.from_pretrained(str(tiny_decoder_dir), pooling="lasttoken",
-                                                                  append_eos=True)}[kind]()
-    before = {name: p.detach().clone() for name, p in model.backbone.named_parameters()}
-    model.backbone = add_lora(model.backbone, LoraSettings)
+    load = {"mean": lambda **lora: Encoder.from_pretrained(str(tiny_model_dir), **lora),
+            "cls": lambda **lora: cls_encoder(tiny_model_dir, **lora),
+            "lasttoken-decoder": lambda **lora: Encoder.from_pretrained(str(tiny_decoder_dir), pooling="lasttoken",
+                                                                        append_eos=True, **lora)}[kind]
+    before = {name: p.detach().clone() for name, p in load().backbone.named_parameters()}  # the weights on disk
+    model = load(lora=LoraSettings)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -199,8 +198,7 @@ def test_lora_trains_only_the_adapters_and_the_merged_model_loads_in_sentence_tr
     st = pytest.importorskip("sentence_transformers")
     theirs = st.SentenceTransformer(str(tmp_path / "merged"), device="cpu").encode(TEXTS, convert_to_tensor=True)
     torch.testing.assert_close(theirs, trained, rtol=0, atol=1e-5)
-    model.lora_save = "adapter"  # the adapter alone, loaded on top of its base model
-    model.save(str(tmp_path / "adapter"))
+    model.save(str(tmp_path / "adapter"), lora_save="adapter")  # the adapter alone, loaded on top of its base model
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     torch.testing.assert_close(Encoder.from_pretrained(str(tmp_path / "adapter")).encode(TEXTS), trained,
                                rtol=0, atol=1e-5)
@@ -213,10 +211,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tiny_de
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = (Encoder.from_pretrained(str(tiny_model_dir)) if kind == "encoder" else
-                 Encoder.from_pretrained(str(tiny_decoder_dir), pooling="lasttoken", append_eos=True)).double()
-        if checkpointing:
-            model.checkpoint_activations()
+        model = (Encoder.from_pretrained(str(tiny_model_dir), gradient_checkpointing=checkpointing)
+                 if kind == "encoder" else
+                 Encoder.from_pretrained(str(tiny_decoder_dir), pooling="lasttoken", append_eos=True,
+                                         gradient_checkpointing=checkpointing)).double()
         model.train()  # dropout on (the encoder's): checkpointing replays its masks
         attention = next(m for name, m in model.backbone.named_modules()  # inside layer 0, so inside its checkpoint
                          if name.endswith(("layer.0.attention", "layers.0.self_attn")))

@@ -98,13 +98,27 @@ class MixtureTable(torch.utils.data.Dataset):
 
 
 class MixtureCollator:
-    """Rows of one dataset -> its collator's batch, plus `dataset` (its index)."""
+    """Rows of one dataset -> its collator's batch, plus `dataset` (its index). names: the datasets' names (in
+    data.train), in the collators' order."""
 
-    def __init__(self, collators: list):
-        self.collators = collators
+    def __init__(self, collators: list, names: list[str]):
+        self.collators, self.names = collators, names
+        self.n_columns = [len(c.columns) for c in collators]  # each dataset's text columns
 
     def __call__(self, items: list[tuple[int, dict]]) -> dict:
         d = items[0][0]
         batch = self.collators[d]([row for _, row in items])
         batch["dataset"] = d
         return batch
+
+    def pop_targets(self, batch: dict) -> tuple[int, dict]:
+        """Take out of a batch what is not the encoder's input: (its dataset's index, the loss's keyword
+        arguments: `labels` (or None) and `teacher`, the teacher's embeddings as one (B, D_t) tensor per column
+        (or None))."""
+        dataset, teacher = batch.pop("dataset"), batch.pop("teacher", None)
+        teacher = None if teacher is None else list(teacher.chunk(self.n_columns[dataset]))
+        return dataset, {"labels": batch.pop("labels", None), "teacher": teacher}
+
+    def source(self, dataset: int) -> str | None:
+        """The name a mixture's dataset is logged under (train/loss/<name>/...); None for one dataset alone."""
+        return self.names[dataset] if len(self.names) > 1 else None

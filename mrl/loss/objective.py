@@ -10,6 +10,8 @@ first with cross-device negatives (mrl.loss.dist), and likely false negatives le
 denominator with loss.false_negative_margin (mrl.loss.base.false_negatives).
 """
 
+from dataclasses import replace
+
 from torch import Tensor
 
 from mrl.loss.dist import gather_columns
@@ -79,3 +81,14 @@ class Objective:
     def __repr__(self) -> str:
         return (f"{self.loss}" + (f", {self.dim_sampler}" if self.dim_sampler else "")
                 + (", negatives from every process" if self.cross_device else ""))
+
+    def checkpointed(self) -> list:
+        """What a checkpoint holds of this objective: its loss (learned dim weights, if any) and its dim sampler."""
+        return [x for x in (self.loss, self.dim_sampler) if x is not None]
+
+
+def dataset_objectives(loss_config, losses: list[str], width: int, n_processes: int = 1) -> list[Objective]:
+    """The objective of each training dataset, given each one's loss (a mixture may train CoSENT on scored pairs
+    and the contrastive loss on triplets): one Objective per loss, shared by the datasets that use it."""
+    by_loss = {name: Objective(replace(loss_config, name=name), width, n_processes) for name in dict.fromkeys(losses)}
+    return [by_loss[name] for name in losses]

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-from mrl.model.pooling import POOLING_MODES, mean_pool, pool  # noqa: F401  (mean_pool: part of the public API)
-from mrl.model.lora import backbone_to_save
+from mrl.model.lora import add_lora, backbone_to_save
+from mrl.model.pooling import check_pooling, mean_pool, pool  # noqa: F401  (mean_pool: part of the public API)
 from mrl.model.folder import ACTIVATIONS, Layout, read_layout, write_layout
 
 
@@ -27,18 +27,20 @@ class Encoder(nn.Module):
     (nn.Linear + activation, as in the reduced-dim recipe); normalize: whether the model's output is L2
     normalised (saved as a Normalize module); pooling: mean | cls | lasttoken (mrl.model.pooling); prompts: named
     prompt texts (e.g. {"query": "query: "}), prepended to a text before tokenising; include_prompt=False
-    leaves a prompt's tokens out of the pooled embedding.
+    leaves a prompt's tokens out of the pooled embedding; name_or_path: where it was loaded from (a local copy,
+    for a mirrored hub id); lora_save: with LoRA adapters on the backbone (mrl.model.lora), whether save() writes
+    them merged into the weights ("merged") or the adapter alone ("adapter").
     """
 
     def __init__(self, backbone: nn.Module, tokenizer, max_seq_length: int = 256, normalize: bool = True,
                  dense: nn.Linear | None = None, dense_activation: str = "tanh", pooling: str = "mean",
                  include_prompt: bool = True, prompts: dict[str, str] | None = None,
-                 default_prompt_name: str | None = None):
+                 default_prompt_name: str | None = None, name_or_path: str | None = None,
+                 lora_save: str = "merged"):
         super().__init__()
         if dense_activation not in ACTIVATIONS:
             raise ValueError(f"dense_activation: expected one of {sorted(ACTIVATIONS)}, got {dense_activation!r}")
-        if pooling not in POOLING_MODES:
-            raise ValueError(f"pooling: expected one of {' | '.join(POOLING_MODES)}, got {pooling!r}")
+        check_pooling(pooling)
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
@@ -48,6 +50,7 @@ class Encoder(nn.Module):
         self.activation = ACTIVATIONS[dense_activation]() if dense is not None else None
         self.pooling, self.include_prompt = pooling, include_prompt
         self.prompts, self.default_prompt_name = dict(prompts or {}), default_prompt_name
+        self.name_or_path, self.lora_save = name_or_path, lora_save
         # A backbone's own pooler head (BERT's [CLS] dense + tanh) is not part of the embedding: frozen, so it is
         # kept for saving but never trained, and DDP finds no parameter without a gradient.
         if isinstance(getattr(backbone, "pooler", None), nn.Module):
@@ -60,15 +63,6 @@ class Encoder(nn.Module):
     @property
     def num_layers(self) -> int:
         return self.backbone.config.num_hidden_layers
-
-    def checkpoint_activations(self) -> None:
-        """Gradient (activation) checkpointing: each layer's activations are recomputed in the backward instead of
-        kept (less memory, about a third more compute); non-reentrant, so dropout replays its masks."""
-        enable = getattr(self.backbone, "activation_checkpointing_enable", None)  # transformers >= 5
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
-            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def prompt_text(self, prompt: str | None = None, prompt_name: str | None = None) -> str | None:
         """The text to prepend: `prompt` itself, or the named prompt (default: default_prompt_name, if any)."""
@@ -179,7 +173,7 @@ class Encoder(nn.Module):
                         dense_dim: int | None = None, dense_activation: str = "tanh",
                         dtype: torch.dtype = torch.float32, pooling: str | None = None,
                         include_prompt: bool | None = None, prompts: dict[str, str] | None = None,
-                        append_eos: bool = False) -> "Encoder":
+                        append_eos: bool = False, gradient_checkpointing: bool = False, lora=None) -> "Encoder":
         """Load a sentence-transformers folder or a plain HF model (local directory or hub id).
 
         A sentence-transformers model brings its own pooling, prompts, Dense head, normalisation and
@@ -188,7 +182,9 @@ class Encoder(nn.Module):
         model that has none (the reduced-dim recipe). append_eos=True makes the tokenizer end every text with
         its EOS token (last-token pooling of a decoder whose tokenizer does not), in the saved tokenizer too.
         Only Pooling, Dense and Normalize modules can run here: any other module in modules.json is an error
-        that names it.
+        that names it. gradient_checkpointing=True recomputes each layer's activations in the backward
+        (checkpoint_activations); lora: a LoRA setting (r, alpha, dropout, target_modules, save; as
+        mrl.run.config.LoraConfig) puts trainable adapters on the backbone, whose own weights then stay frozen.
         """
         layout = read_layout(name_or_path)
         backbone = AutoModel.from_pretrained(name_or_path, subfolder=layout.subfolder, dtype=dtype)
@@ -209,19 +205,23 @@ class Encoder(nn.Module):
             dense = nn.Linear(backbone.config.hidden_size, dense_dim)
         if max_seq_length is None:
             max_seq_length = layout.max_seq_length or min(512, getattr(tokenizer, "model_max_length", 512))
-        encoder = cls(backbone, tokenizer, max_seq_length, layout.normalize if normalize is None else normalize, dense,
-                      activation, pooling or layout.pooling,
-                      layout.include_prompt if include_prompt is None else include_prompt,
-                      {**layout.prompts, **(prompts or {})}, layout.default_prompt_name)
-        encoder.name_or_path = name_or_path  # where it was loaded from (a local copy, for a mirrored hub id)
-        return encoder.to(dtype).eval()  # like transformers: loaded models start in eval mode
+        backbone.to(dtype)  # every module, also those transformers keeps in float32
+        if dense is not None:
+            dense.to(dtype)
+        if gradient_checkpointing:
+            checkpoint_activations(backbone)
+        if lora is not None:  # the adapters stay float32 on a half-precision backbone (peft's default)
+            backbone = add_lora(backbone, lora)
+        return cls(backbone, tokenizer, max_seq_length, layout.normalize if normalize is None else normalize, dense,
+                   activation, pooling or layout.pooling, layout.include_prompt if include_prompt is None else
+                   include_prompt, {**layout.prompts, **(prompts or {})}, layout.default_prompt_name,
+                   name_or_path, "merged" if lora is None else lora.save).eval()  # like transformers: eval mode
 
-    lora_save = "merged"  # with LoRA adapters (mrl.model.lora): save them merged into the weights, or "adapter" alone
-
-    def save(self, path: str, matryoshka_dims: list[int] | None = None) -> None:
-        """Write the sentence-transformers layout: backbone + tokenizer at the root, module configs beside."""
+    def save(self, path: str, matryoshka_dims: list[int] | None = None, lora_save: str | None = None) -> None:
+        """Write the sentence-transformers layout: backbone + tokenizer at the root, module configs beside.
+        lora_save: "merged" or "adapter", for this save only (default: the Encoder's lora_save)."""
         os.makedirs(path, exist_ok=True)
-        backbone_to_save(self.backbone, self.lora_save).save_pretrained(path)  # LoRA: merged, or the adapter alone
+        backbone_to_save(self.backbone, lora_save or self.lora_save).save_pretrained(path)  # LoRA: merged, or alone
         self.tokenizer.save_pretrained(path)
         write_layout(path, self.backbone.config.hidden_size, self.max_seq_length, self.normalize, self.dense,
                      self.dense_activation, matryoshka_dims,
@@ -229,6 +229,16 @@ class Encoder(nn.Module):
                             default_prompt_name=self.default_prompt_name))
 
     load = from_pretrained  # Encoder.load(dir) reads what Encoder.save(dir) wrote
+
+
+def checkpoint_activations(backbone: nn.Module) -> None:
+    """Gradient (activation) checkpointing: each layer's activations are recomputed in the backward instead of
+    kept (less memory, about a third more compute); non-reentrant, so dropout replays its masks."""
+    enable = getattr(backbone, "activation_checkpointing_enable", None)  # transformers >= 5
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def append_eos_token(tokenizer) -> None:

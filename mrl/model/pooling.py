@@ -30,7 +30,13 @@ def pool(token_embeddings: Tensor, attention_mask: Tensor, mode: str = "mean",
         length = attention_mask.shape[1]
         last = length - 1 - attention_mask.to(torch.int).flip(1).argmax(1)  # the last real token, either padding
         return (token_embeddings * mask)[torch.arange(len(last), device=last.device), last]
-    raise ValueError(f"pooling: expected one of {' | '.join(POOLING_MODES)}, got {mode!r}")
+    check_pooling(mode)
+
+
+def check_pooling(mode: str) -> None:
+    """Raise ValueError unless `mode` is one of POOLING_MODES."""
+    if mode not in POOLING_MODES:
+        raise ValueError(f"pooling: expected one of {' | '.join(POOLING_MODES)}, got {mode!r}")
 
 
 def exclude_prompt(attention_mask: Tensor, prompt_length: Tensor) -> Tensor:

@@ -4,19 +4,39 @@ its batch sampler and collator, combined into one mixture (mrl.data.mixture; one
 
 from mrl.data.batches import BatchSampler, Collator, degenerate_data
 from mrl.data.mixture import MixtureBatchSampler, MixtureCollator, MixtureTable
-from mrl.data.tables import TEACHER, text_columns
+from mrl.data.tables import LABEL, TEACHER, load_table, text_columns
 from mrl.model.load import load_encoder
-from mrl.run.config import ModelConfig, check_train_columns, dataset_field, dataset_loss, uses_no_duplicates
+from mrl.run.config import (ModelConfig, check_train_columns, dataset_field, dataset_loss, dataset_losses, named_specs,
+                            uses_no_duplicates)
 
 
-def training_batches(cfg, specs: dict[str, dict], tables: dict, model, processes: int, mirror: dict | None = None,
-                     device=None):
+def training_tables(cfg, mirror: dict) -> dict:
+    """{name: table} of data.train (one dataset: {"train": table}), each loaded and checked (mrl.data.load_table);
+    a CoSENT dataset needs its label column."""
+    specs = named_specs(cfg.data.train)
+    return {name: load_table(spec, dataset_field(name, specs), loss == "cosent", mirror)
+            for (name, spec), loss in zip(specs.items(), dataset_losses(cfg))}
+
+
+def eval_tables(cfg, mirror: dict) -> dict:
+    """{split: table} of eval.dev and eval.test, those that are set; scored pairs (STS)."""
+    splits = {"dev": cfg.eval.dev, "test": cfg.eval.test}
+    return {split: load_table(spec, f"eval.{split}", True, mirror) for split, spec in splits.items() if spec is not None}
+
+
+def describe(table) -> str:
+    """'5749 rows, text columns [...], label in [0, 1]': what start-up prints of each table."""
+    return (f"{len(table)} rows, text columns {text_columns(table)}"
+            + (", label in [0, 1]" if LABEL in table.column_names else ""))
+
+
+def training_batches(cfg, tables: dict, model, processes: int, mirror: dict | None = None, device=None):
     """(table, batch sampler, collator, warnings) for the training tables, each checked against its loss and
     prompts (mrl.run.config.check_train_columns): each dataset its own no-duplicates batches (on for a contrastive
     loss unless data.no_duplicates says), prompts and collator, its token ids computed once up front (cached),
     and with a teacher model (loss.teacher.model) its embedding of every text; the warnings of any dataset that
     trains little (mrl.data.degenerate_data) or leaves rows out of every epoch."""
-    samplers, collators, warnings, tokenised = [], [], [], []
+    specs, samplers, collators, warnings, tokenised = named_specs(cfg.data.train), [], [], [], []
     teacher = None
     if cfg.loss.teacher.model not in (None, "data"):  # loaded as it was saved (its own pooling, prompts, ...)
         teacher = load_encoder(ModelConfig(name=cfg.loss.teacher.model), mirror or {}).to(device or "cpu")
@@ -50,4 +70,4 @@ def training_batches(cfg, specs: dict[str, dict], tables: dict, model, processes
         if n := sampler.left_out(d):
             warnings.append(f"{dataset_field(name, tables)}: the last {n} row(s) of an epoch's shuffle are fewer "
                             f"than the {processes} processes and are left out of that epoch")
-    return MixtureTable(tokenised), sampler, MixtureCollator(collators), warnings
+    return MixtureTable(tokenised), sampler, MixtureCollator(collators, list(tables)), warnings

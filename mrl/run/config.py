@@ -474,6 +474,11 @@ def dataset_loss(spec, default: str) -> str:
     return spec.get("loss", default) if isinstance(spec, dict) else default
 
 
+def dataset_losses(cfg: "Config") -> list[str]:
+    """Each training dataset's loss, in data.train's order (one dataset: [loss.name] unless its spec names one)."""
+    return [dataset_loss(spec, cfg.loss.name) for spec in named_specs(cfg.data.train).values()]
+
+
 def uses_no_duplicates(cfg: Config, loss: str) -> bool:
     """data.no_duplicates, or by default on for the contrastive loss (a repeated text would be its own negative)."""
     return cfg.data.no_duplicates if cfg.data.no_duplicates is not None else loss == "contrastive"

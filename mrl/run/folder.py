@@ -19,6 +19,7 @@ reused unless asked (--overwrite replaces it, --resume continues it).
 import json
 import math
 import os
+import shlex
 import shutil
 
 import torch
@@ -124,6 +125,25 @@ def check_resumable(checkpoint: str, config: dict) -> None:
     if differ:
         raise ValueError(f"--resume: {checkpoint} was trained with other settings; " + "; ".join(differ)
                          + ". Resume with the same settings, or start a new run in another output_dir")
+
+
+def resume(accelerator, resume_from: str, output_dir: str, config: dict, progress: Progress, total_steps: int) -> str:
+    """Load --resume's checkpoint (a folder, or 'latest') into everything registered with the accelerator
+    (weights, optimiser, schedule, RNG, `progress`, ...), after checking it trained as `config` would and that
+    steps are left to train; returns its folder."""
+    checkpoint = find_checkpoint(resume_from, output_dir)
+    check_resumable(checkpoint, config)  # the same model, data, loss and optimisation, or an error
+    accelerator.load_state(checkpoint)
+    if progress.step >= total_steps:
+        raise ValueError(f"--resume: {checkpoint} is at step {progress.step} and this run ends at step {total_steps} "
+                         f"(train.max_steps, train.epochs): nothing is left to train")
+    return checkpoint
+
+
+def launch_command(config_path: str, overrides: list[str]) -> str:
+    """The command that repeats this run, for the model card and results."""
+    return shlex.join(["accelerate", "launch", "train.py", "--config", config_path,
+                       *[a for override in overrides for a in ("--set", override)]])
 
 
 def _get(config: dict, dotted: str):
