@@ -30,6 +30,7 @@ from mrl.data import load_table, text_columns
 from mrl.run.gradcache import cached_backward
 from mrl.run.batches import training_batches
 from mrl.run.monitor import StepMonitor
+from mrl.loss.matryoshka import LossParts
 from mrl.loss.objective import Objective
 from mrl.eval.report import markdown_table, result_rows
 from mrl.run.folder import DimsLog, Progress, check_resumable, find_checkpoint, prepare, save_checkpoint, write_outputs
@@ -117,17 +118,17 @@ cuda_graphs = cfg.speed.compile == "reduce-overhead" and accelerator.device.type
 # -- the step's forward and backward, chosen once: plain, or GradCache (the same gradients in chunks of memory)
 all_layers = cfg.loss.two_d.enabled  # 2D: every layer's embedding, k × (B, L, D)
 if cfg.train.cache_chunk_size:
-    def forward_backward(batch: dict, targets: dict, objective, k: int) -> tuple[torch.Tensor, dict]:
+    def forward_backward(batch: dict, targets: dict, objective, k: int) -> LossParts:
         return cached_backward(partial(model, all_layers=all_layers), batch, k, partial(objective, **targets),
                                cfg.train.cache_chunk_size, accelerator.backward, no_sync=partial(accelerator.no_sync, model))
 else:
-    def forward_backward(batch: dict, targets: dict, objective, k: int) -> tuple[torch.Tensor, dict]:
+    def forward_backward(batch: dict, targets: dict, objective, k: int) -> LossParts:
         # every column's texts as one batch, embedded in length groups (less padding): k columns × (B, D)
         groups = length_groups_for(len(batch["input_ids"]), cfg.speed.length_groups, accelerator.device)
         embeddings = embed_by_length(partial(forward, all_layers=all_layers), batch, groups, cfg.speed.pad_to_multiple_of)
-        loss, per_dim = objective(list(embeddings.chunk(k)), **targets)
-        accelerator.backward(loss)
-        return loss, per_dim
+        parts = objective(list(embeddings.chunk(k)), **targets)
+        accelerator.backward(parts.total)
+        return parts
 
 # -- resume: everything a step depends on is in the checkpoint (weights, optimiser, schedule, RNG, progress)
 progress = Progress()  # and each objective's learned dim weights, if any, and where its dim schedule stands:
@@ -186,7 +187,7 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
                        list(teacher.chunk(n_columns[dataset]))}
             if cuda_graphs:  # the previous step's graph outputs are no longer needed: their memory may be reused
                 torch.compiler.cudagraph_mark_step_begin()
-            loss, per_dim = forward_backward(batch, targets, objectives[loss_names[dataset]], n_columns[dataset])
+            parts = forward_backward(batch, targets, objectives[loss_names[dataset]], n_columns[dataset])
             if accelerator.sync_gradients:
                 for p in loss_parameters if accelerator.num_processes > 1 else []:  # not inside DDP: averaged here
                     p.grad = None if p.grad is None else accelerator.reduce(p.grad, "mean")  # (another loss's: None)
@@ -197,7 +198,7 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
         progress.batch_in_epoch += 1
         throughput.add(shape, len(batch["input_ids"]) // n_columns[dataset] * accelerator.num_processes,
                        time.perf_counter() - batch_start)
-        monitor.add(loss, per_dim, list(specs)[dataset] if len(specs) > 1 else None)  # a mixture: per dataset too
+        monitor.add(parts, list(specs)[dataset] if len(specs) > 1 else None)  # a mixture: per dataset too
         if not accelerator.sync_gradients:
             continue
 
