@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging
 from mrl.cli import one_line_errors
 from mrl.eval.report import markdown_table, result_rows
 from mrl.eval.sts import evaluate_sts
+from mrl.loss.matryoshka import LossParts
 from mrl.loss.objective import dataset_objectives
 from mrl.model.load import load_encoder
 from mrl.model.sharding import full_model, is_sharded
@@ -103,18 +104,18 @@ cuda_graphs = cfg.speed.compile == "reduce-overhead" and device.type == "cuda"
 # -- the step's forward and backward, chosen once: plain, or GradCache (the same gradients, chunks of memory)
 all_layers = cfg.loss.two_d.enabled  # 2D: every layer's embedding, k × (B, L, D)
 if cfg.train.cache_chunk_size:
-    def forward_backward(batch: dict, targets: dict, objective, k: int) -> tuple[torch.Tensor, dict]:
+    def forward_backward(batch: dict, targets: dict, objective, k: int) -> LossParts:
         no_sync = partial(accelerator.no_sync, model)
         return cached_backward(partial(model, all_layers=all_layers), batch, k, partial(objective, **targets),
                                cfg.train.cache_chunk_size, accelerator.backward, no_sync=no_sync)
 else:
-    def forward_backward(batch: dict, targets: dict, objective, k: int) -> tuple[torch.Tensor, dict]:
+    def forward_backward(batch: dict, targets: dict, objective, k: int) -> LossParts:
         # every column's texts as one batch, embedded in length groups (less padding): k columns × (B, D)
         groups = length_groups_for(len(batch["input_ids"]), cfg.speed.length_groups, device)
         embeddings = embed_by_length(partial(forward, all_layers=all_layers), batch, groups, pad_to)
-        loss, per_dim = objective(list(embeddings.chunk(k)), **targets)
-        accelerator.backward(loss)
-        return loss, per_dim
+        parts = objective(list(embeddings.chunk(k)), **targets)  # the total, each dim's loss, each option's
+        accelerator.backward(parts.total)
+        return parts
 
 # -- resume: everything a step depends on is in the checkpoint (weights, optimiser, schedule, RNG, progress)
 progress = Progress()  # and each objective's learned dim weights, if any, and where its dim schedule stands:
@@ -168,7 +169,7 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
             k = collate.n_columns[dataset]
             if cuda_graphs:  # the previous step's graph outputs are no longer needed: their memory is reused
                 torch.compiler.cudagraph_mark_step_begin()
-            loss, per_dim = forward_backward(batch, targets, objectives[dataset], k)
+            parts = forward_backward(batch, targets, objectives[dataset], k)
             if accelerator.sync_gradients:
                 reduce_grads(loss_parameters, accelerator)  # the learned dim weights: not inside DDP
                 max_norm = cfg.train.max_grad_norm or math.inf
@@ -178,7 +179,7 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
             optimizer.zero_grad()
         progress.batch_in_epoch += 1
         throughput.add(shape, len(batch["input_ids"]) // k * processes, time.perf_counter() - batch_start)
-        monitor.add(loss, per_dim, collate.source(dataset))  # a mixture: per dataset too
+        monitor.add(parts, collate.source(dataset))  # a mixture: per dataset too
         if not accelerator.sync_gradients:
             continue
 

@@ -54,7 +54,7 @@ def one_variant(args) -> dict:
         batch = rows[step * args.batch:(step + 1) * args.batch]
         texts = [r[c] for c in ("anchor", "positive", "negative") for r in batch]
         started = time.perf_counter()
-        loss, _ = loss_fn(list(model(model.tokenize(texts)).chunk(3)))
+        loss = loss_fn(list(model(model.tokenize(texts)).chunk(3)), dims=loss_fn.dims).total
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -46,9 +46,10 @@ def one_step(args) -> dict:
     start = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         if args.mode == "cached":
-            loss, _ = cached_backward(model, features, 3, loss_fn, args.chunk, backward=lambda l: l.backward())
+            loss = cached_backward(model, features, 3, partial(loss_fn, dims=dims), args.chunk,
+                                   backward=lambda l: l.backward()).total
         else:
-            loss, _ = loss_fn(list(model(features).chunk(3)))
+            loss = loss_fn(list(model(features).chunk(3)), dims=dims).total
             loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()

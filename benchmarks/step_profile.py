@@ -126,7 +126,7 @@ def main():
             embeddings = model(batch).float()
         columns_embedded = [e.detach().requires_grad_() for e in embeddings.chunk(len(columns))]
         for name, loss_fn in losses.items():
-            ms = timed(lambda: loss_fn(columns_embedded, labels)[0].backward(), device)
+            ms = timed(lambda: loss_fn(columns_embedded, labels, dims=loss_fn.dims).total.backward(), device)
             if i >= 3:
                 record("loss forward + backward", name, ms)
         for name, optimiser in optimisers.items():

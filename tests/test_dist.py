@@ -45,13 +45,13 @@ def worker(rank, model_dir, init_file, out_dir, symmetric, chunk_size):
 
         def gathered_loss(embeddings):
             all_columns, own_rows = gather_columns(embeddings)
-            return loss_fn(all_columns, rows=own_rows)
+            return loss_fn(all_columns, dims=loss_fn.dims, rows=own_rows)
 
         if chunk_size:
-            loss, _ = cached_backward(ddp, features, 3, gathered_loss, chunk_size, backward=lambda l: l.backward(),
-                                      no_sync=ddp.no_sync)
+            loss = cached_backward(ddp, features, 3, gathered_loss, chunk_size, backward=lambda l: l.backward(),
+                                   no_sync=ddp.no_sync).total
         else:
-            loss, _ = gathered_loss(list(ddp(features).chunk(3)))
+            loss = gathered_loss(list(ddp(features).chunk(3))).total
             loss.backward()
         total = loss.detach().clone()
         dist.all_reduce(total)  # the mean over processes of the local losses is the global loss
@@ -64,7 +64,8 @@ def worker(rank, model_dir, init_file, out_dir, symmetric, chunk_size):
 def single_process(model_dir, symmetric):
     model = load(model_dir)
     features = dict(model.tokenize(ANCHORS + POSITIVES + NEGATIVES))
-    loss, _ = matryoshka(symmetric)(list(model(features).chunk(3)))
+    loss_fn = matryoshka(symmetric)
+    loss = loss_fn(list(model(features).chunk(3)), dims=loss_fn.dims).total
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 

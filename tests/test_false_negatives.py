@@ -66,8 +66,8 @@ def test_nested_masked_losses_equal_the_per_dim_loop_in_value_and_gradient(rows)
     results = []
     for nested in (None, partial(contrastive_losses_nested, scale=20.0)):
         loss = MatryoshkaLoss(partial(contrastive_loss, scale=20.0), [16, 8, 4], [1.0, 0.5, 2.0], nested)
-        total, per_dim = loss(embeddings, rows=rows, exclude=exclude)
-        results.append((total, per_dim, torch.autograd.grad(total, embeddings)))
+        parts = loss(embeddings, dims=loss.dims, rows=rows, exclude=exclude)
+        results.append((parts.total, parts.per_dim, torch.autograd.grad(parts.total, embeddings)))
     (total_loop, per_dim_loop, grads_loop), (total_nested, per_dim_nested, grads_nested) = results
     torch.testing.assert_close(total_nested, total_loop, rtol=1e-12, atol=1e-12)
     for d in per_dim_loop:
@@ -80,8 +80,8 @@ def test_the_objective_masks_when_asked_and_only_then():
     embeddings = columns(3)
     plain = load_config(None, ["loss.name=contrastive", "loss.dims=[16,8]"]).loss
     masked = load_config(None, ["loss.name=contrastive", "loss.dims=[16,8]", "loss.false_negative_margin=0.0"]).loss
-    total_plain, _ = Objective(plain, 16)(embeddings)
-    total_masked, per_dim = Objective(masked, 16)(embeddings)
+    total_plain = Objective(plain, 16)(embeddings).total
+    total_masked = Objective(masked, 16)(embeddings).total
     exclude = false_negatives(embeddings, 0.0)
     expected = sum(float(contrastive_loss([e[:, :d] for e in embeddings], exclude=exclude)) for d in (16, 8))
     assert float(total_masked) == pytest.approx(expected, rel=1e-10) and total_masked < total_plain

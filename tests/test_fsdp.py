@@ -61,17 +61,17 @@ def worker(rank, model_dir, pooling, init_file, out_dir, chunk_size):
 
         def gathered_loss(embeddings):  # cross-device negatives: each anchor against every process's candidates
             all_columns, own_rows = gather_columns(embeddings)
-            return loss_fn(all_columns, rows=own_rows)
+            return loss_fn(all_columns, dims=loss_fn.dims, rows=own_rows)
 
         if chunk_size:
             def no_sync():  # FSDP2's no_sync: gradients reduce-scattered once, after the last chunk's backward
                 model.set_requires_gradient_sync(False)
                 return _Restore(model)
 
-            loss, _ = cached_backward(model, features, 3, gathered_loss, chunk_size, backward=lambda l: l.backward(),
-                                      no_sync=no_sync)
+            loss = cached_backward(model, features, 3, gathered_loss, chunk_size, backward=lambda l: l.backward(),
+                                   no_sync=no_sync).total
         else:
-            loss, _ = gathered_loss(list(model(features).chunk(3)))
+            loss = gathered_loss(list(model(features).chunk(3))).total
             loss.backward()
         # FSDP2 reduce-scatters the gradient as the average over processes, as DDP all-reduces it
         total = loss.detach().clone()
@@ -97,7 +97,8 @@ class _Restore:
 def single_process(model_dir, pooling):
     model = load(model_dir, pooling)
     features = dict(model.tokenize(ANCHORS + POSITIVES + NEGATIVES))
-    loss, _ = matryoshka()(list(model(features).chunk(3)))
+    loss_fn = matryoshka()
+    loss = loss_fn(list(model(features).chunk(3)), dims=loss_fn.dims).total
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -137,7 +138,8 @@ class _FsdpAccelerator:
 def one_sgd_step(model):
     """The whole batch on every process: FSDP2's averaged gradient is then the single process's."""
     features = dict(model.tokenize(ANCHORS + POSITIVES + NEGATIVES))
-    loss, _ = matryoshka()(list(model(features).chunk(3)))
+    loss_fn = matryoshka()
+    loss = loss_fn(list(model(features).chunk(3)), dims=loss_fn.dims).total
     loss.backward()
     torch.optim.SGD(model.parameters(), lr=0.5).step()
     return features

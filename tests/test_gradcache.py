@@ -33,24 +33,26 @@ def batch(model):
 
 
 def matryoshka(dims_per_step=None, nested=True):
-    """embeddings -> (loss, per_dim): the Matryoshka loss at every dim, or at dims_per_step dims drawn per call."""
+    """embeddings -> LossParts: the Matryoshka loss at every dim, or at dims_per_step dims drawn per call."""
     loss = MatryoshkaLoss(partial(contrastive_loss, scale=20.0), [32, 16, 8, 4], [1.0, 0.5, 1.0, 2.0],
                           nested_loss=partial(contrastive_losses_nested, scale=20.0) if nested else None)
     sampler = DimSampler(loss.dims, dims_per_step) if dims_per_step else None
-    return lambda embeddings: loss(embeddings, None, sampler() if sampler else None)
+    return lambda embeddings: loss(embeddings, None, dims=sampler() if sampler else loss.dims)
 
 
 def uncached_step(model, features, loss_fn):
     model.zero_grad()
-    loss, per_dim = loss_fn(list(model(features).chunk(3)))
-    loss.backward()
-    return loss.detach(), per_dim, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    parts = loss_fn(list(model(features).chunk(3)))
+    parts.total.backward()
+    return parts.total.detach(), parts.per_dim, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                 if p.grad is not None}
 
 
 def cached_step(model, features, loss_fn, chunk_size):
     model.zero_grad()
-    loss, per_dim = cached_backward(model, features, 3, loss_fn, chunk_size, backward=lambda l: l.backward())
-    return loss, per_dim, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    parts = cached_backward(model, features, 3, loss_fn, chunk_size, backward=lambda l: l.backward())
+    assert not parts.total.requires_grad
+    return parts.total, parts.per_dim, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def assert_same_step(a, b, tol=1e-10):
@@ -93,9 +95,10 @@ def test_dropout_masks_are_replayed(tiny_model_dir):
     model.zero_grad()
     chunks = [slice(i, i + 6) for i in range(0, 24, 6)]
     embeddings = torch.cat([model(chunk_features(features, rows)) for rows in chunks])
-    loss, per_dim = loss_fn(list(embeddings.chunk(3)))
-    loss.backward()
-    reference = (loss.detach(), per_dim, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    parts = loss_fn(list(embeddings.chunk(3)))
+    parts.total.backward()
+    reference = (parts.total.detach(), parts.per_dim,
+                 {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert_same_step(cached, reference)
 
     torch.manual_seed(12)  # and the masks matter: another seed gives another step

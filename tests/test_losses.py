@@ -224,10 +224,12 @@ def hand_matryoshka(base, embeddings, labels, dims, weights):
 def test_matryoshka_total_is_weighted_sum_over_dims(dims, weights):
     embeddings = random_columns(0, 3, 6, 32)
     base = RecordingLoss()
-    total, per_dim = MatryoshkaLoss(base, dims, weights)(embeddings)
+    loss = MatryoshkaLoss(base, dims, weights)
+    parts = loss(embeddings, dims=loss.dims)
+    total, per_dim = parts.total, parts.per_dim
     expected = hand_matryoshka(RecordingLoss(), embeddings, None, dims, weights or [1.0] * len(dims))
     assert float(total) == pytest.approx(float(expected), rel=1e-12)
-    assert sorted(per_dim) == sorted(dims)
+    assert list(per_dim) == sorted(dims, reverse=True) and parts.terms == {}
     # the base loss saw exactly normalize(e[:, :d]) for each dim, largest dim first
     assert [call[0][0].shape[-1] for call in base.calls] == sorted(dims, reverse=True)
     for seen, _ in base.calls:
@@ -250,7 +252,9 @@ def test_matryoshka_with_library_losses_matches_loop_formulas(base_name):
                             lambda e, y: loop_contrastive(e, scale=10.0, symmetric=True)),
         "cosent": (functools.partial(cosent_loss, scale=10.0), lambda e, y: loop_cosent(e, y, scale=10.0)),
     }[base_name]
-    total, per_dim = MatryoshkaLoss(base, dims, weights)(embeddings, labels)
+    loss = MatryoshkaLoss(base, dims, weights)
+    parts = loss(embeddings, labels, dims=loss.dims)
+    total, per_dim = parts.total, parts.per_dim
     expected = 0.0
     for d, w in zip(dims, weights):
         loss_d = loop([e[:, :d] for e in embeddings], labels)  # cosine-based: normalising changes nothing
@@ -265,7 +269,7 @@ def test_matryoshka_gradients_match_hand_loop():
     labels = torch.tensor([0.0, 0.4, 0.2, 1.0], dtype=torch.float64)
     dims, weights = [12, 6, 3], [1.0, 0.3, 2.0]
     base = functools.partial(cosent_loss, scale=7.0)
-    total, _ = MatryoshkaLoss(base, dims, weights)(embeddings, labels)
+    total = MatryoshkaLoss(base, dims, weights)(embeddings, labels, dims=dims).total
     got = torch.autograd.grad(total, embeddings)
     expected = torch.autograd.grad(hand_matryoshka(base, embeddings, labels, dims, weights), embeddings)
     for g, e in zip(got, expected):
@@ -280,7 +284,8 @@ def test_matryoshka_dim_order_does_not_matter():
     b = MatryoshkaLoss(base, [8, 32, 4, 16], [2.0, 4.0, 1.0, 3.0])
     assert a.dims == b.dims == [32, 16, 8, 4]
     assert a.current_weights() == b.current_weights() == {32: 4.0, 16: 3.0, 8: 2.0, 4: 1.0}
-    (ta, pa), (tb, pb) = a(embeddings, labels), b(embeddings, labels)
+    parts_a, parts_b = a(embeddings, labels, dims=a.dims), b(embeddings, labels, dims=b.dims)
+    (ta, pa), (tb, pb) = (parts_a.total, parts_a.per_dim), (parts_b.total, parts_b.per_dim)
     assert float(ta) == pytest.approx(float(tb), rel=1e-12)
     assert pa.keys() == pb.keys()
     for d in pa:
@@ -292,12 +297,13 @@ def test_matryoshka_weights_follow_their_dims_after_sorting():
     base = RecordingLoss()
     loss = MatryoshkaLoss(base, [4, 16, 8], [10.0, 0.0, 1.0])
     assert loss.dims == [16, 8, 4] and list(loss.current_weights().values()) == [0.0, 1.0, 10.0]
-    total, per_dim = loss(embeddings)
-    assert float(total) == pytest.approx(10.0 * float(per_dim[4]) + 1.0 * float(per_dim[8]), rel=1e-12)
+    parts = loss(embeddings, dims=loss.dims)
+    assert float(parts.total) == pytest.approx(10.0 * float(parts.per_dim[4]) + 1.0 * float(parts.per_dim[8]),
+                                               rel=1e-12)
     # the default weights are all 1
     assert list(MatryoshkaLoss(base, [4, 16, 8]).current_weights().values()) == [1.0, 1.0, 1.0]
-    total, per_dim = MatryoshkaLoss(RecordingLoss(), [4, 16, 8])(embeddings)
-    assert float(total) == pytest.approx(sum(float(v) for v in per_dim.values()), rel=1e-12)
+    parts = MatryoshkaLoss(RecordingLoss(), [4, 16, 8])(embeddings, dims=[16, 8, 4])
+    assert float(parts.total) == pytest.approx(sum(float(v) for v in parts.per_dim.values()), rel=1e-12)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
@@ -312,12 +318,13 @@ def test_dim_sampler_picks_k_distinct_dims_and_the_loss_trains_those(k):
         random.seed(seed)
         chosen = sampler()
         assert chosen == sorted(set(chosen), reverse=True) and len(chosen) == k
-        total, per_dim = loss(embeddings, None, chosen)
+        parts = loss(embeddings, None, dims=chosen)
+        total, per_dim = parts.total, parts.per_dim
         assert list(per_dim) == chosen and set(per_dim) <= set(dims)
         assert float(total) == pytest.approx(sum(weight_of[d] * float(v) for d, v in per_dim.items()), rel=1e-12)
         random.seed(seed)
-        total_again, per_dim_again = loss(embeddings, None, sampler())
-        assert per_dim_again.keys() == per_dim.keys() and float(total_again) == float(total)
+        again = loss(embeddings, None, dims=sampler())
+        assert again.per_dim.keys() == per_dim.keys() and float(again.total) == float(total)
         seen.add(frozenset(per_dim))
     if k < len(dims):
         assert len(seen) > 1  # the subset does change with the random state
@@ -326,15 +333,21 @@ def test_dim_sampler_picks_k_distinct_dims_and_the_loss_trains_those(k):
 
 
 def test_matryoshka_per_dim_keys_equal_dims():
-    total, per_dim = MatryoshkaLoss(RecordingLoss(), [3, 9, 27])(random_columns(0, 2, 3, 27))
-    assert set(per_dim) == {3, 9, 27}
+    per_dim = MatryoshkaLoss(RecordingLoss(), [3, 9, 27])(random_columns(0, 2, 3, 27), dims=[27, 9, 3]).per_dim
+    assert list(per_dim) == [27, 9, 3]
     assert all(v.dim() == 0 for v in per_dim.values())
+
+
+@pytest.mark.parametrize("dims", [[], [8, 64], [64, 16], [64, 64, 8]])
+def test_matryoshka_refuses_dims_to_train_that_are_not_its_own_largest_first(dims):
+    with pytest.raises(ValueError, match=r"dims: the dims to train must be some of \[64, 8\], largest first"):
+        MatryoshkaLoss(RecordingLoss(), [64, 8])(random_columns(0, 2, 3, 64), dims=dims)
 
 
 def test_matryoshka_dim_larger_than_embedding_width_raises():
     loss = MatryoshkaLoss(RecordingLoss(), [64, 8])
     with pytest.raises(ValueError, match="dims.*64"):
-        loss(random_columns(0, 2, 3, 32))
+        loss(random_columns(0, 2, 3, 32), dims=loss.dims)
     with pytest.raises(ValueError, match=r"loss\.dims.*64"):
         check_dims([64, 8], field="loss.dims", width=32)
     check_dims([32, 8], field="loss.dims", width=32)  # equal to the width is fine
@@ -451,7 +464,8 @@ def test_matryoshka_equals_sentence_transformers_matryoshka(base_name, dims, wei
     st = losses.MatryoshkaLoss(model, st_base, dims, matryoshka_weights=weights)
     expected = st(features_for(embeddings), labels)
     expected_grads = torch.autograd.grad(expected, embeddings)
-    total, _ = MatryoshkaLoss(ours_base, dims, weights)(embeddings, labels)
+    ours = MatryoshkaLoss(ours_base, dims, weights)
+    total = ours(embeddings, labels, dims=ours.dims).total
     grads = torch.autograd.grad(total, embeddings)
     assert float(total.detach()) == pytest.approx(float(expected.detach()), abs=1e-5)
     for g, e in zip(grads, expected_grads):
@@ -472,7 +486,7 @@ def test_dim_sampler_equals_sentence_transformers_n_dims_per_step(k):
         random.seed(seed)
         expected = st(features_for(embeddings), labels)
         random.seed(seed)
-        total, _ = ours(embeddings, labels, sampler())
+        total = ours(embeddings, labels, dims=sampler()).total
         assert float(total) == pytest.approx(float(expected), abs=1e-5)
 
 

@@ -82,10 +82,10 @@ def test_matryoshka_loss_nested_path_equals_the_loop_in_value_and_gradient(name,
     for nested_loss in (None, partial(nested, scale=20.0)):
         random.seed(7)  # the same dims drawn on both paths
         loss_fn = MatryoshkaLoss(partial(base, scale=20.0), DIMS, weights, nested_loss=nested_loss)
-        dims = DimSampler(DIMS, dims_per_step)() if dims_per_step else None
-        total, per_dim = loss_fn(embeddings, labels if name == "cosent" else None, dims)
-        grads = torch.autograd.grad(total, embeddings)
-        results.append((total, per_dim, grads))
+        dims = DimSampler(DIMS, dims_per_step)() if dims_per_step else loss_fn.dims
+        parts = loss_fn(embeddings, labels if name == "cosent" else None, dims=dims)
+        grads = torch.autograd.grad(parts.total, embeddings)
+        results.append((parts.total, parts.per_dim, grads))
     (total_loop, per_dim_loop, grads_loop), (total_nested, per_dim_nested, grads_nested) = results
     assert per_dim_loop.keys() == per_dim_nested.keys()
     torch.testing.assert_close(total_nested, total_loop, rtol=1e-12, atol=1e-12)
@@ -123,7 +123,7 @@ def test_a_training_step_of_the_nested_loss_makes_no_tensor_from_python_data(nam
     steps = []
     for _ in range(2):
         with TensorsFromPythonData() as made:
-            loss_fn(embeddings, labels)[0].backward()
+            loss_fn(embeddings, labels, dims=loss_fn.dims).total.backward()
         steps.append(made.count)
     assert steps[0] > 0 and steps[1] == 0, steps  # the first step makes them: the check sees them
 

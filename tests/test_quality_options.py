@@ -70,7 +70,8 @@ def test_contrastive_distillation_equals_the_float64_formula(n_columns, rows):
     loss_fn = matryoshka("contrastive", dims, distill_weight=weight, distill_temperature=temperature)
     row_index = None if rows is None else torch.tensor(rows)
     kwargs = {} if rows is None else {"rows": row_index}
-    total, per_dim = loss_fn(embeddings, **kwargs)
+    parts = loss_fn(embeddings, dims=dims, **kwargs)
+    total = parts.total
 
     all_rows = torch.arange(6) if rows is None else row_index
     plain = sum(LOSSES["contrastive"]([unit(e, d) for e in embeddings], scale=20.0, rows=row_index) for d in dims)
@@ -78,8 +79,9 @@ def test_contrastive_distillation_equals_the_float64_formula(n_columns, rows):
     expected = plain + weight * sum(kls)
     torch.testing.assert_close(total, expected)
     for d, kl in zip([16, 8, 4], kls):
-        torch.testing.assert_close(per_dim[f"distill_d{d}"], kl.detach())
-    assert "distill_d32" not in per_dim  # the full width is the teacher, not a student
+        torch.testing.assert_close(parts.terms[f"distill_d{d}"], kl.detach())
+    assert list(parts.terms) == ["distill_d16", "distill_d8", "distill_d4"]  # the full width is the teacher
+    assert list(parts.per_dim) == dims  # the terms are not dims
 
     # gradients too: the teacher is detached in both
     grads = torch.autograd.grad(total, embeddings)
@@ -92,12 +94,13 @@ def test_cosent_distillation_equals_the_float64_formula():
     dims, temperature, weight = [32, 16, 8], 0.05, 2.0
     embeddings = columns(1, 2, batch=8)
     labels = torch.rand(8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    total, per_dim = matryoshka("cosent", dims, distill_weight=weight, distill_temperature=temperature)(
-        embeddings, labels)
+    parts = matryoshka("cosent", dims, distill_weight=weight, distill_temperature=temperature)(
+        embeddings, labels, dims=dims)
+    total = parts.total
     plain = sum(LOSSES["cosent"]([unit(e, d) for e in embeddings], labels, scale=20.0) for d in dims)
     kls = cosent_distill_reference(embeddings, dims, temperature)
     torch.testing.assert_close(total, plain + weight * sum(kls))
-    torch.testing.assert_close(per_dim["distill_d8"], kls[1].detach())
+    torch.testing.assert_close(parts.terms["distill_d8"], kls[1].detach())
     grads = torch.autograd.grad(total, embeddings)
     expected = torch.autograd.grad(plain + weight * sum(kls), embeddings)
     for g, e in zip(grads, expected):
@@ -110,7 +113,7 @@ def test_distillation_teacher_gets_no_gradient_from_the_kl():
     embeddings = columns(2, 2)
     loss_fn = matryoshka("contrastive", [32, 8], distill_weight=1.0, distill_temperature=0.1)
     loss_fn.matryoshka.nested_loss = lambda embeddings, labels, dims, **_: embeddings[0].new_zeros(len(dims))  # KL only
-    total, _ = loss_fn(embeddings)
+    total = loss_fn(embeddings, dims=[32, 8]).total
     grads = torch.autograd.grad(total, embeddings)
     assert all(g[:, 8:].abs().max() == 0 for g in grads)
     assert all(g[:, :8].abs().max() > 0 for g in grads)
@@ -120,8 +123,8 @@ def test_distillation_is_zero_when_prefixes_already_match_the_full_width():
     """A prefix whose cosines equal the full width's (the tail is zero) has nothing to learn: KL = 0."""
     embeddings = [torch.cat([e[:, :8], torch.zeros(6, 24, dtype=torch.float64)], 1).detach()
                   for e in columns(3, 2)]
-    _, per_dim = matryoshka("contrastive", [32, 8], distill_weight=1.0)(embeddings)
-    assert per_dim["distill_d8"].abs() < 1e-12
+    terms = matryoshka("contrastive", [32, 8], distill_weight=1.0)(embeddings, dims=[32, 8]).terms
+    assert terms["distill_d8"].abs() < 1e-12
 
 
 @pytest.mark.parametrize("rule", sorted(DIM_WEIGHT_RULES))
@@ -142,7 +145,8 @@ def test_dim_weight_rules_have_their_shapes():
 
 def test_rule_weights_enter_the_total():
     embeddings, dims = columns(4, 2), [32, 16, 8]
-    total, per_dim = matryoshka("contrastive", dims, weights="inverse_sqrt")(embeddings)
+    parts = matryoshka("contrastive", dims, weights="inverse_sqrt")(embeddings, dims=dims)
+    total, per_dim = parts.total, parts.per_dim
     expected = sum(w * per_dim[d] for d, w in zip(dims, dim_weights("inverse_sqrt", dims)))
     torch.testing.assert_close(total.detach(), expected)
 
@@ -153,7 +157,8 @@ def test_learned_weights_are_uncertainty_weighting():
     assert [p.shape for p in loss_fn.parameters()] == [torch.Size([3])]
     with torch.no_grad():
         loss_fn.log_variances.copy_(torch.tensor([0.5, -0.2, 1.0]))
-    total, per_dim = loss_fn(embeddings)
+    parts = loss_fn(embeddings, dims=dims)
+    total, per_dim = parts.total, parts.per_dim
     s = {32: 0.5, 16: -0.2, 8: 1.0}
     expected = sum(math.exp(-s[d]) * per_dim[d].item() + s[d] for d in dims)
     assert total.item() == pytest.approx(expected, rel=1e-6)
@@ -174,7 +179,7 @@ def test_always_full_puts_the_largest_dim_in_every_step():
 def test_cyclic_schedule_trains_every_dim_equally_often_in_order():
     loss_fn, sampler = matryoshka("contrastive", [32, 16, 8, 4, 2]), DimSampler([32, 16, 8, 4, 2], 2, "cyclic")
     embeddings = columns(6, 2)
-    trained = [list(loss_fn(embeddings, None, sampler())[1]) for _ in range(5)]
+    trained = [list(loss_fn(embeddings, None, dims=sampler()).per_dim) for _ in range(5)]
     assert trained == [[32, 16], [8, 4], [32, 2], [16, 8], [4, 2]]  # 5 calls: each dim exactly twice
 
 
@@ -194,8 +199,9 @@ def test_cyclic_schedule_under_2d_advances_once_per_step():
     embeddings = [torch.randn(6, 3, 32, generator=generator, dtype=torch.float64) for _ in range(2)]
     trained = []
     for _ in range(4):
-        _, per_dim = objective(embeddings)  # the earlier layer's loss is "layer1", not per dim
-        trained.append([d for d in per_dim if isinstance(d, int)])
+        parts = objective(embeddings)  # the earlier layer's loss is a term ("layer1"), not a dim
+        trained.append(list(parts.per_dim))
+        assert list(parts.terms) in (["layer1", "kl_layer1"], ["layer2", "kl_layer2"])  # one of the 2 earlier layers
     assert trained == [[32, 16], [32, 8], [32, 4], [32, 16]]
     assert objective.dim_sampler.calls == 4
 

@@ -19,7 +19,7 @@ from mrl import Encoder
 from mrl.run.config import check_against_model, config_warnings, load_config
 from mrl.data import LABEL, BatchSampler, degenerate_data, load_table
 from mrl.loss.base import contrastive_loss
-from mrl.loss.matryoshka import per_dim_losses
+from mrl.loss.matryoshka import LossParts, per_dim_losses
 from mrl.run.monitor import NonFiniteLoss, StepMonitor
 from mrl.loss.nested import contrastive_losses_nested, cosent_losses_nested
 from mrl.run.folder import finite_or_null, write_outputs
@@ -55,12 +55,12 @@ def test_a_diverging_run_stops_at_the_step_and_keeps_the_last_good_checkpoint(tm
 def test_the_monitor_names_the_first_non_finite_step_and_its_losses():
     monitor = StepMonitor()
     for step, value in enumerate([1.0, 2.0, float("nan"), float("inf")], 1):
-        monitor.add(torch.tensor(value), {32: torch.tensor(0.5), 8: torch.tensor(value)})
+        monitor.add(LossParts(torch.tensor(value), {32: torch.tensor(0.5), 8: torch.tensor(value)}))
         monitor.end_step(step, torch.tensor(1.0))
     with pytest.raises(NonFiniteLoss, match=r"at step 3: loss nan, d8 nan\. Stopped"):
         monitor.check()
     finite = StepMonitor()
-    finite.add(torch.tensor(1.0), {32: torch.tensor(0.5)})
+    finite.add(LossParts(torch.tensor(1.0), {32: torch.tensor(0.5)}))
     finite.end_step(1, torch.tensor(float("inf")))
     with pytest.raises(NonFiniteLoss, match="at step 1: gradient norm inf"):
         finite.check()

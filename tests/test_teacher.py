@@ -46,24 +46,26 @@ def test_teacher_distillation_equals_the_float64_formula(kl_weight, mse_weight):
     student = [c.requires_grad_() for c in columns(0)]
     teacher = columns(1)
     base = load_config(None, ["loss.name=contrastive", "loss.dims=[16,8,4]"]).loss
-    plain, _ = Objective(base, 16)(student)
+    plain = Objective(base, 16)(student).total
     settings = ["loss.name=contrastive", "loss.dims=[16,8,4]", "loss.teacher.model=data",
                 f"loss.teacher.kl_weight={kl_weight}", f"loss.teacher.mse_weight={mse_weight}",
                 "loss.teacher.temperature=0.1"]
-    total, parts = Objective(load_config(None, settings).loss, 16)(student, teacher=teacher)
+    parts = Objective(load_config(None, settings).loss, 16)(student, teacher=teacher)
+    total = parts.total
     expected = plain + reference(student, teacher, [16, 8, 4], kl_weight, mse_weight, 0.1)
     torch.testing.assert_close(total, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.autograd.grad(total, student), torch.autograd.grad(expected, student),
                                rtol=1e-9, atol=1e-12)
-    assert ("teacher_kl_d8" in parts) == (kl_weight > 0) and ("teacher_mse_d4" in parts) == (mse_weight > 0)
+    assert ("teacher_kl_d8" in parts.terms) == (kl_weight > 0) and ("teacher_mse_d4" in parts.terms) == (mse_weight > 0)
+    assert list(parts.per_dim) == [16, 8, 4]
 
 
 def test_a_narrower_teacher_gives_its_distribution_but_no_mse():
     student, teacher = columns(2), columns(3, width=8)
     config = load_config(None, ["loss.name=contrastive", "loss.dims=[16,8]", "loss.teacher.model=data"]).loss
-    total, parts = Objective(config, 16)(student, teacher=teacher)
-    assert math.isfinite(float(total)) and "teacher_kl_d16" in parts
-    assert not any(str(key).startswith("teacher_mse") for key in parts)  # mse_weight 0: no MSE term
+    parts = Objective(config, 16)(student, teacher=teacher)
+    assert math.isfinite(float(parts.total)) and "teacher_kl_d16" in parts.terms
+    assert not any(key.startswith("teacher_mse") for key in parts.terms)  # mse_weight 0: no MSE term
     config = load_config(None, ["loss.name=contrastive", "loss.dims=[16,8]", "loss.teacher.model=data",
                                 "loss.teacher.mse_weight=1"]).loss
     with pytest.raises(ValueError, match="the teacher's width 8 is not the student's 16"):

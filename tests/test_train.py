@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from conftest import SHARED
+from mrl.loss.matryoshka import LossParts
+from mrl.run.monitor import StepMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
 STSB = SHARED / "data" / "stsb"
@@ -187,6 +189,21 @@ def test_tensorboard_logs_per_dim_losses_lr_and_eval(tmp_path, tiny_model_dir):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     final = dict(scalars["eval/dev/spearman/d16"])[3]
     assert final == pytest.approx(results["dev"]["after training"]["16"], abs=1e-4)
+
+
+def test_the_monitor_logs_each_part_under_its_tag_and_counts_the_trained_dims():
+    """train/loss, train/loss/d<dim>, train/loss/<term>, and for a mixture's dataset train/loss/<source>/...; a dim
+    or term averages the micro-batches that had it; a step trained the dims of its micro-batches' per_dim."""
+    monitor = StepMonitor()
+    monitor.add(LossParts(torch.tensor(3.0), {32: torch.tensor(1.0), 8: torch.tensor(2.0)},
+                          {"distill_d8": torch.tensor(0.5)}), source="nli")
+    monitor.add(LossParts(torch.tensor(5.0), {32: torch.tensor(3.0), 16: torch.tensor(4.0)}))
+    assert monitor.end_step(1, None) == [32, 16, 8]
+    assert monitor.averages() == {"train/loss": 4.0, "train/loss/d32": 2.0, "train/loss/d16": 4.0,
+                                  "train/loss/d8": 2.0, "train/loss/distill_d8": 0.5, "train/loss/nli/loss": 3.0,
+                                  "train/loss/nli/d32": 1.0, "train/loss/nli/d8": 2.0,
+                                  "train/loss/nli/distill_d8": 0.5}
+    assert monitor.dims_trained == {32: 1, 16: 1, 8: 1}
 
 
 def test_model_card_is_written_from_the_run(tmp_path, tiny_model_dir):

@@ -1,6 +1,5 @@
 """2D Matryoshka: per-layer embeddings from one forward, and the loss against an independent float64 formula."""
 
-import math
 import random
 from functools import partial
 
@@ -64,13 +63,13 @@ def test_2d_loss_equals_the_formula():
     dims = [16, 4]
     loss_fn = Matryoshka2dLoss(MatryoshkaLoss(partial(contrastive_loss, scale=20.0), dims), 1, 0.7, 1.3, 0.3)
     random.seed(5)
-    total, parts = loss_fn(columns)
-    layer = int(next(k for k in parts if isinstance(k, str) and k.startswith("layer"))[len("layer"):])
+    parts = loss_fn(columns, dims=dims)
+    layer = int(next(k for k in parts.terms if k.startswith("layer"))[len("layer"):])
     random.seed(5)
     assert sorted(random.sample(range(1, 4), 1)) == [layer]
     expected = reference_2d_loss(columns, layer, dims, 20.0, 0.7, 1.3, 0.3)
-    torch.testing.assert_close(total, expected, rtol=1e-10, atol=1e-10)
-    assert set(parts) == {16, 4, f"layer{layer}", f"kl_layer{layer}"}
+    torch.testing.assert_close(parts.total, expected, rtol=1e-10, atol=1e-10)
+    assert list(parts.per_dim) == dims and list(parts.terms) == [f"layer{layer}", f"kl_layer{layer}"]
 
 
 def test_2d_kl_teacher_is_detached():
@@ -81,8 +80,7 @@ def test_2d_kl_teacher_is_detached():
     for kl_weight in (0.0, 5.0):
         loss_fn = Matryoshka2dLoss(MatryoshkaLoss(partial(contrastive_loss, scale=20.0), [8]), 1, 1.0, kl_weight)
         random.seed(0)
-        total, _ = loss_fn(columns)
-        grads.append(torch.autograd.grad(total, columns))
+        grads.append(torch.autograd.grad(loss_fn(columns, dims=[8]).total, columns))
     for without_kl, with_kl in zip(*grads):
         torch.testing.assert_close(with_kl[:, -1], without_kl[:, -1], rtol=0, atol=1e-12)  # last layer: same
         assert not torch.allclose(with_kl[:, :-1], without_kl[:, :-1])  # earlier layers: pulled by the KL
@@ -91,4 +89,4 @@ def test_2d_kl_teacher_is_detached():
 def test_layers_per_step_must_leave_a_last_layer():
     loss_fn = Matryoshka2dLoss(MatryoshkaLoss(partial(contrastive_loss, scale=20.0), [8]), layers_per_step=3)
     with pytest.raises(ValueError, match="loss.two_d.layers_per_step"):
-        loss_fn([torch.randn(4, 3, 8), torch.randn(4, 3, 8)])
+        loss_fn([torch.randn(4, 3, 8), torch.randn(4, 3, 8)], dims=[8])

@@ -11,6 +11,6 @@
 """
 
 from mrl.loss.base import contrastive_loss, cosent_loss, cosine_matrix
-from mrl.loss.matryoshka import MatryoshkaLoss, check_dims
+from mrl.loss.matryoshka import LossParts, MatryoshkaLoss, check_dims
 
-__all__ = ["contrastive_loss", "cosent_loss", "cosine_matrix", "MatryoshkaLoss", "check_dims"]
+__all__ = ["contrastive_loss", "cosent_loss", "cosine_matrix", "LossParts", "MatryoshkaLoss", "check_dims"]

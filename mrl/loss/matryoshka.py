@@ -10,17 +10,42 @@ All dims come from ONE encoder forward: each only slices it, so they share that 
 `per_dim_losses` below is that loop, the definition. mrl.loss.nested computes the same per-dim losses for every d
 at once (prefix sums); passed as `nested_loss`, it replaces the loop, and tests/test_nested.py pins the two
 equal in value and gradient. Training uses it. What goes beyond plain MRL (dim weights by rule or learned, a
-few dims per step, prefix distillation) is in mrl.loss.variants, and 2D Matryoshka in mrl.loss.two_d.
+few dims per step, prefix distillation) is in mrl.loss.variants, and 2D Matryoshka in mrl.loss.two_d. Each of
+them returns a `LossParts`: the total and its named parts, each dim's loss apart from the options' terms.
 """
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mrl.loss.device import device_constant
+
+
+@dataclass(frozen=True)
+class LossParts:
+    """What every loss of the chain returns (MatryoshkaLoss, the options of mrl.loss.variants, 2D, the Objective),
+    the total beside its named parts, as open_clip's losses return theirs:
+
+        total     the scalar to back-propagate: Σ_d w_d · L_d plus each option's weighted terms
+        per_dim   {d: L_d}, each dim's unweighted loss, detached: exactly the dims this call trained, largest first
+        terms     {name: value}, each option's term, unweighted and detached: distill_d<d>, teacher_kl_d<d>,
+                  teacher_mse_d<d> (one per student dim), layer<l>, kl_layer<l> (2D, one per earlier layer)
+
+    A wrapper adds to `total` and `terms` (`plus`), never to `per_dim`: its keys stay the trained dims.
+    """
+
+    total: Tensor
+    per_dim: dict[int, Tensor]
+    terms: dict[str, Tensor] = field(default_factory=dict)
+
+    def plus(self, weighted: Tensor, terms: dict[str, Tensor]) -> "LossParts":
+        """These parts with `weighted` added to the total and `terms` (detached here) to the terms."""
+        detached = {name: value.detach() for name, value in terms.items()}
+        return LossParts(self.total + weighted, self.per_dim, {**self.terms, **detached})
 
 
 def per_dim_losses(base_loss: Callable[..., Tensor], embeddings: list[Tensor], labels: Tensor | None,
@@ -38,10 +63,11 @@ class MatryoshkaLoss(nn.Module):
     nested_loss(embeddings, labels, dims=[...], **kwargs) -> (len(dims),), optional: the same losses for all
     dims at once (mrl.loss.nested), used instead of the loop.
 
-    forward(embeddings, labels, dims=None, **kwargs) -> (total, per_dim): the total and each dim's unweighted
-    loss, detached, for logging. dims: the dims this call trains, a subset of `dims` (default: all of them;
-    mrl.loss.variants.DimSampler draws subsets). Extra keyword arguments (e.g. `rows`, for cross-device negatives)
-    go to the loss.
+    forward(embeddings, labels, *, dims, **kwargs) -> LossParts: the total and each dim's unweighted loss
+    (per_dim; no terms). dims: the dims this call trains, some of `dims`, largest first: all of them, or a
+    mrl.loss.variants.DimSampler's draw (mrl.loss.objective.Objective decides, once per step, and every loss of
+    the chain trains the dims it is given). Extra keyword arguments (e.g. `rows`, for cross-device negatives) go to
+    the loss.
     """
 
     def __init__(self, base_loss: Callable[..., Tensor], dims: Sequence[int], weights: Sequence[float] | None = None,
@@ -54,9 +80,11 @@ class MatryoshkaLoss(nn.Module):
         self.dims = sorted(dims, reverse=True)
         self.weight_of = dict(zip(dims, weights))
 
-    def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, dims: Sequence[int] | None = None,
-                **loss_kwargs) -> tuple[Tensor, dict]:
-        dims = self.dims if dims is None else list(dims)
+    def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, *, dims: Sequence[int],
+                **loss_kwargs) -> LossParts:
+        dims = list(dims)
+        if not dims or dims != sorted(set(dims), reverse=True) or not set(dims) <= self.weight_of.keys():
+            raise ValueError(f"dims: the dims to train must be some of {self.dims}, largest first; got {dims}")
         width = embeddings[0].shape[-1]
         if max(dims) > width:
             raise ValueError(f"dims: dim {max(dims)} is larger than the embeddings' width {width}")
@@ -64,7 +92,7 @@ class MatryoshkaLoss(nn.Module):
             losses = per_dim_losses(self.base_loss, embeddings, labels, dims, **loss_kwargs)  # (n,)
         else:
             losses = self.nested_loss(embeddings, labels, dims=dims, **loss_kwargs)  # (n,): the same, fused
-        return self.weigh(losses, dims), dict(zip(dims, losses.detach().unbind()))
+        return LossParts(self.weigh(losses, dims), dict(zip(dims, losses.detach().unbind())))
 
     def weigh(self, losses: Tensor, dims: Sequence[int]) -> Tensor:
         """Σ_d w_d · L_d (the weights are made once per device: no host sync per step)."""

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from mrl.loss.dist import gather_columns
 from mrl.loss.base import false_negatives
-from mrl.loss.matryoshka import MatryoshkaLoss
+from mrl.loss.matryoshka import LossParts, MatryoshkaLoss
 from mrl.loss.nested import NESTED_SCORES, losses_for
 from mrl.loss.two_d import Matryoshka2dLoss
 from mrl.loss.variants import (DimSampler, LearnedWeightsMatryoshkaLoss, PrefixDistillation, TeacherDistillation,
@@ -24,9 +24,11 @@ from mrl.loss.variants import (DimSampler, LearnedWeightsMatryoshkaLoss, PrefixD
 
 
 class Objective:
-    """objective(embeddings, labels) -> (total, per_dim), for this process's embeddings (one (B, D) tensor
-    per text column, or (B, L, D) with every layer's for 2D). loss_config: mrl.run.config.LossConfig; width: the
-    model's embedding size (the baseline trains that dim alone); n_processes: for the cross-device default.
+    """objective(embeddings, labels) -> LossParts (mrl.loss.matryoshka: the total, each trained dim's loss, each
+    option's term), for this process's embeddings (one (B, D) tensor per text column, or (B, L, D) with every
+    layer's for 2D). Each call decides the dims the step trains, the DimSampler's draw or every dim of the
+    Matryoshka loss, and hands them down the chain. loss_config: mrl.run.config.LossConfig; width: the model's
+    embedding size (the baseline trains that dim alone); n_processes: for the cross-device default.
 
     Attributes: `loss` (the nn.Module to checkpoint and whose parameters, if any, to train), `matryoshka` (the
     Matryoshka loss inside it: its current_weights), `dim_sampler` (None, or a DimSampler to checkpoint).
@@ -63,9 +65,9 @@ class Objective:
                                              else n_processes > 1)
 
     def __call__(self, embeddings: list[Tensor], labels: Tensor | None = None,
-                 teacher: list[Tensor] | None = None) -> tuple[Tensor, dict]:
+                 teacher: list[Tensor] | None = None) -> LossParts:
         """teacher: the teacher's embeddings of the same texts (loss.teacher), one tensor per column."""
-        dims = self.dim_sampler() if self.dim_sampler else None  # None: every dim
+        dims = self.dim_sampler() if self.dim_sampler else self.matryoshka.dims  # largest first, as both give them
         rows = None
         if self.cross_device:  # each anchor against the candidates of every process
             embeddings, rows = gather_columns(embeddings)
@@ -76,7 +78,7 @@ class Objective:
         if self.false_negative_margin is not None:  # one mask, at full width (2D: the last layer), for every prefix
             full = [e[:, -1] if e.dim() == 3 else e for e in embeddings]
             kwargs["exclude"] = false_negatives(full, self.false_negative_margin, rows)
-        return self.loss(embeddings, labels, dims, **kwargs)
+        return self.loss(embeddings, labels, dims=dims, **kwargs)
 
     def __repr__(self) -> str:
         return (f"{self.loss}" + (f", {self.dim_sampler}" if self.dim_sampler else "")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mrl.loss.device import device_constant
-from mrl.loss.matryoshka import MatryoshkaLoss
+from mrl.loss.matryoshka import LossParts, MatryoshkaLoss
 
 # Fixed rules for the weight of each dim d of a model of width D; rescaled so that the weights average 1 (the
 # total loss then has the scale of uniform weights, and one learning rate serves every rule)
@@ -128,7 +128,8 @@ class PrefixDistillation(nn.Module):
     where P^d is the softmax at `temperature` of the batch's scores at width d, given by
     scores(embeddings, dims=[...]) -> (n, R, C) (mrl.loss.nested.NESTED_SCORES: each anchor's cosines to every
     candidate for the contrastive loss, the pair cosines of the batch for CoSENT). The teacher is the
-    embeddings' full width D, also when the largest trained dim is smaller.
+    embeddings' full width D, also when the largest trained dim is smaller. forward(embeddings, labels, *, dims)
+    -> the Matryoshka loss's LossParts with the KL added: to the total, and as terms distill_d<d>, unweighted.
     """
 
     def __init__(self, matryoshka: MatryoshkaLoss, scores: Callable[..., Tensor], weight: float,
@@ -137,17 +138,16 @@ class PrefixDistillation(nn.Module):
         check_distillation(weight, temperature)
         self.matryoshka, self.scores, self.weight, self.temperature = matryoshka, scores, weight, temperature
 
-    def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, dims: Sequence[int] | None = None,
-                **loss_kwargs) -> tuple[Tensor, dict]:
-        total, per_dim = self.matryoshka(embeddings, labels, dims, **loss_kwargs)
+    def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, *, dims: Sequence[int],
+                **loss_kwargs) -> LossParts:
+        parts = self.matryoshka(embeddings, labels, dims=dims, **loss_kwargs)
         width = embeddings[0].shape[-1]
-        students = [d for d in (self.matryoshka.dims if dims is None else dims) if d < width]
+        students = [d for d in dims if d < width]
         if students:
             scores = self.scores(embeddings, dims=[width] + students, **loss_kwargs)  # (1 + n, R, C)
             kl = kl_to_teacher(scores[0], scores[1:], self.temperature)  # (n,)
-            total = total + self.weight * kl.sum()
-            per_dim.update({f"distill_d{d}": v for d, v in zip(students, kl.detach().unbind())})
-        return total, per_dim
+            parts = parts.plus(self.weight * kl.sum(), {f"distill_d{d}": v for d, v in zip(students, kl.unbind())})
+        return parts
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, temperature={self.temperature}"
@@ -170,6 +170,8 @@ class TeacherDistillation(nn.Module):
     P^teacher is the softmax at `temperature` of the teacher's in-batch scores at its full width, P^d the
     student's at d (the loss's `scores`, as PrefixDistillation; kl_to_teacher, teacher detached). The MSE needs
     the teacher as wide as the student (D_t = D): the teacher is truncated the same way as the student.
+    forward(embeddings, labels, *, dims, teacher) -> the wrapped loss's LossParts with both terms added: to the
+    total, and as terms teacher_kl_d<d> and teacher_mse_d<d>, unweighted, for each trained d.
     """
 
     def __init__(self, matryoshka: nn.Module, scores: Callable[..., Tensor], kl_weight: float = 1.0,
@@ -180,17 +182,15 @@ class TeacherDistillation(nn.Module):
         self.matryoshka, self.scores = matryoshka, scores
         self.kl_weight, self.temperature, self.mse_weight = kl_weight, temperature, mse_weight
 
-    def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, dims: Sequence[int] | None = None,
-                teacher: list[Tensor] | None = None, **loss_kwargs) -> tuple[Tensor, dict]:
-        total, per_dim = self.matryoshka(embeddings, labels, dims, **loss_kwargs)
+    def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, *, dims: Sequence[int],
+                teacher: list[Tensor] | None = None, **loss_kwargs) -> LossParts:
+        parts = self.matryoshka(embeddings, labels, dims=dims, **loss_kwargs)
         if teacher is None:  # a batch of a mixture's dataset that brings no teacher embeddings: not distilled
-            return total, per_dim
-        dims = [d for d in per_dim if isinstance(d, int)] if dims is None else list(dims)
+            return parts
         if self.kl_weight > 0:
             teacher_scores = self.scores(teacher, dims=[teacher[0].shape[-1]], **loss_kwargs)[0]  # (R, C)
             kl = kl_to_teacher(teacher_scores, self.scores(embeddings, dims=dims, **loss_kwargs), self.temperature)
-            total = total + self.kl_weight * kl.sum()
-            per_dim.update({f"teacher_kl_d{d}": v for d, v in zip(dims, kl.detach().unbind())})
+            parts = parts.plus(self.kl_weight * kl.sum(), {f"teacher_kl_d{d}": v for d, v in zip(dims, kl.unbind())})
         if self.mse_weight > 0:
             if teacher[0].shape[-1] != embeddings[0].shape[-1]:
                 raise ValueError(f"loss.teacher.mse_weight: the teacher's width {teacher[0].shape[-1]} is not the "
@@ -198,9 +198,9 @@ class TeacherDistillation(nn.Module):
             mse = torch.stack([torch.stack([(F.normalize(e[:, :d], dim=-1) - F.normalize(t[:, :d].to(e.dtype), dim=-1))
                                             .pow(2).sum(-1).mean() for e, t in zip(embeddings, teacher)]).mean()
                                for d in dims])  # (n,)
-            total = total + self.mse_weight * mse.sum()
-            per_dim.update({f"teacher_mse_d{d}": v for d, v in zip(dims, mse.detach().unbind())})
-        return total, per_dim
+            parts = parts.plus(self.mse_weight * mse.sum(),
+                               {f"teacher_mse_d{d}": v for d, v in zip(dims, mse.unbind())})
+        return parts
 
     def extra_repr(self) -> str:
         return f"kl_weight={self.kl_weight}, temperature={self.temperature}, mse_weight={self.mse_weight}"

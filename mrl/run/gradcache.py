@@ -13,11 +13,13 @@ batch.
 """
 
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from mrl.data.batches import chunk_features
+from mrl.loss.matryoshka import LossParts
 
 
 class RngState:
@@ -41,14 +43,14 @@ class RngState:
 
 
 def cached_backward(embed, features: dict[str, Tensor], n_columns: int, loss_fn, chunk_size: int, backward,
-                    no_sync=None) -> tuple[Tensor, dict]:
+                    no_sync=None) -> LossParts:
     """One GradCache step: gradients of loss_fn on embed(features) accumulate in the parameters.
 
     embed: features -> embeddings, e.g. the (DDP-wrapped) encoder, (n, ...) out for n rows in; features: a tokenised, column-major batch (n_columns · B rows, as mrl.data.Collator makes it);
-    loss_fn(embeddings: list of n_columns (B, D) tensors) -> (loss, per_dim), e.g. a MatryoshkaLoss with
-    its labels bound; backward(loss): loss.backward or accelerator.backward (which scales for gradient
+    loss_fn(embeddings: list of n_columns (B, D) tensors) -> LossParts (mrl.loss.matryoshka), e.g. an Objective
+    with its labels bound; backward(loss): loss.backward or accelerator.backward (which scales for gradient
     accumulation and fp16); no_sync(): DDP's no_sync context, used for every chunk but the last so that
-    gradients are all-reduced once per step. Returns the loss (detached) and its per-dim breakdown.
+    gradients are all-reduced once per step. Returns loss_fn's LossParts, the total detached.
     """
     n_rows = len(features["input_ids"])
     chunks = [slice(start, min(start + chunk_size, n_rows)) for start in range(0, n_rows, chunk_size)]
@@ -61,8 +63,8 @@ def cached_backward(embed, features: dict[str, Tensor], n_columns: int, loss_fn,
             pieces.append(embed(chunk_features(features, rows)))
     cached = torch.cat(pieces).detach().requires_grad_()  # (n_columns · B, ...)
 
-    loss, per_dim = loss_fn(list(cached.chunk(n_columns)))  # phase 2: the loss and ∂L/∂E
-    backward(loss)
+    parts = loss_fn(list(cached.chunk(n_columns)))  # phase 2: the loss and ∂L/∂E
+    backward(parts.total)
     grad = cached.grad
 
     for i, (rows, state) in enumerate(zip(chunks, states)):  # phase 3: re-embed with a graph, push ∂L/∂E back
@@ -70,4 +72,4 @@ def cached_backward(embed, features: dict[str, Tensor], n_columns: int, loss_fn,
         with sync_context, state.replay():
             embeddings = embed(chunk_features(features, rows))
             torch.autograd.backward(embeddings, grad_tensors=grad[rows].to(embeddings.dtype))
-    return loss.detach(), per_dim
+    return replace(parts, total=parts.total.detach())

@@ -13,6 +13,8 @@ from collections import Counter
 import torch
 from torch import Tensor
 
+from mrl.loss.matryoshka import LossParts
+
 
 class NonFiniteLoss(ArithmeticError):
     """The loss or the gradient norm of a step was NaN or infinite."""
@@ -20,29 +22,29 @@ class NonFiniteLoss(ArithmeticError):
 
 class StepMonitor:
     def __init__(self):
-        self.current: list[dict[str, Tensor]] = []  # the micro-batches of the step under way
+        self.current: list[tuple[dict[str, Tensor], list[int]]] = []  # the step's micro-batches: (values, dims)
         self.unchecked: list[tuple[int, dict[str, Tensor]]] = []  # (step, its values), since the last check
         self.sums: dict = {}  # per key: (sum, count) of its values since the last log, on the device
         self.dims_trained = Counter()  # optimiser steps that trained each dim
 
-    def add(self, loss: Tensor, per_dim: dict, source: str | None = None) -> None:
-        """One micro-batch's total loss and its parts ({dim: loss} and named terms); with `source` (a mixture's
-        dataset), each is also averaged apart for that dataset, as <source>/<key>."""
-        values = {"total": loss.detach(), **per_dim}
-        self.current.append(values)
-        logged = values if source is None else {**values, **{f"{source}/{_name(k)}": v for k, v in values.items()}}
+    def add(self, parts: LossParts, source: str | None = None) -> None:
+        """One micro-batch's losses, by name: its total (loss), each trained dim's (d<dim>) and each term; with
+        `source` (a mixture's dataset), each is also averaged apart for that dataset, as <source>/<name>."""
+        values = {"loss": parts.total.detach(), **{f"d{d}": v for d, v in parts.per_dim.items()}, **parts.terms}
+        self.current.append((values, list(parts.per_dim)))
+        logged = values if source is None else {**values, **{f"{source}/{k}": v for k, v in values.items()}}
         for key, value in logged.items():  # a dim or term drawn on some steps only averages its own steps
             total, count = self.sums.get(key, (0.0, 0))
             self.sums[key] = (total + value, count + 1)
 
     def end_step(self, step: int, grad_norm: Tensor | None) -> list[int]:
         """Close optimiser step `step`; returns the dims it trained, largest first."""
-        values = {_name(key) + (f" (micro-batch {i + 1})" if len(self.current) > 1 else ""): value
-                  for i, parts in enumerate(self.current) for key, value in parts.items()}
+        values = {key + (f" (micro-batch {i + 1})" if len(self.current) > 1 else ""): value
+                  for i, (named, _) in enumerate(self.current) for key, value in named.items()}
         if grad_norm is not None:
             values["gradient norm"] = grad_norm
         self.unchecked.append((step, values))
-        dims = sorted({d for parts in self.current for d in parts if isinstance(d, int)}, reverse=True)
+        dims = sorted({d for _, trained in self.current for d in trained}, reverse=True)
         self.dims_trained.update(dims)
         self.current = []
         return dims
@@ -63,12 +65,7 @@ class StepMonitor:
 
     def averages(self) -> dict[str, float]:
         """Each loss's mean since the last call, as tracker tags: train/loss, train/loss/d<dim>, train/loss/<term>."""
-        logs = {"train/loss" if key == "total" else f"train/loss/{_name(key)}": (total / count).item()
+        logs = {"train/loss" if key == "loss" else f"train/loss/{key}": (total / count).item()
                 for key, (total, count) in self.sums.items()}  # .item(): one host sync per log interval
         self.sums = {}
         return logs
-
-
-def _name(key) -> str:
-    """'total' -> 'loss', 8 -> 'd8', 'distill_d8' as it is."""
-    return "loss" if key == "total" else f"d{key}" if isinstance(key, int) else str(key)
