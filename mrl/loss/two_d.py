@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from mrl.cli import naming
 from mrl.loss.base import cosine_matrix
 from mrl.loss.variants import kl_to_teacher
 
@@ -33,7 +34,8 @@ class Matryoshka2dLoss(nn.Module):
     def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, dims: Sequence[int] | None = None,
                 rows: Tensor | None = None, **loss_kwargs) -> tuple[Tensor, dict]:
         n_layers = embeddings[0].shape[1]
-        check_layers_per_step(self.layers_per_step, n_layers)
+        with naming("layers_per_step"):
+            check_layers_per_step(self.layers_per_step, n_layers)
         if rows is not None:
             loss_kwargs["rows"] = rows
         final = [e[:, -1] for e in embeddings]
@@ -59,7 +61,6 @@ def in_batch_scores(columns: list[Tensor], rows: Tensor | None) -> Tensor:
 
 
 def check_layers_per_step(layers_per_step: int, n_layers: int) -> None:
-    """2D Matryoshka draws earlier layers from 1..L-1: at least one, and fewer than L."""
+    """2D Matryoshka draws earlier layers from 1..L-1: at least one, and fewer than L (the caller names the field)."""
     if not 1 <= layers_per_step < n_layers:
-        raise ValueError(f"loss.two_d.layers_per_step: must be in 1..{n_layers - 1} for a {n_layers}-layer model, "
-                         f"got {layers_per_step}")
+        raise ValueError(f"must be in 1..{n_layers - 1} for a {n_layers}-layer model, got {layers_per_step}")
