@@ -1,10 +1,12 @@
 """What the command lines (train.py, python -m mrl.eval) share: an error a user can fix — a config value,
 a data row, a file, the run folder, a diverged run — prints as one line naming what to fix, not as a
-traceback. MRL_TRACEBACK=1 shows the traceback; any other exception shows it always.
+traceback. MRL_TRACEBACK=1 shows the traceback; any other exception shows it always. `naming` puts the name of
+what to fix in front of a check's message.
 """
 
 import os
 import sys
+from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
@@ -19,3 +21,16 @@ def one_line_errors(kind, error, traceback) -> None:
         bar.close()
     program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mrl"
     print(f"{program}: {kind.__name__}: {error}  (MRL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+
+
+@contextmanager
+def naming(field: str):
+    """Re-raise a ValueError from inside as `field: message`. A library check says what is wrong ("needs at least
+    one dimension, got []") and its caller names what it was given: a parameter (`naming("dims")`) or a config
+    field (`naming("loss.dims")`). A field ending in "." is the group of a check that names its own parameters:
+    under `naming("loss.dim_sampling.")`, "schedule: ..." becomes "loss.dim_sampling.schedule: ...".
+    """
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(f"{field}{'' if field.endswith('.') else ': '}{error}") from error

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrl import MatryoshkaLoss, check_dims, contrastive_loss, cosent_loss, cosine_matrix
+from mrl.cli import naming
 from mrl.run.config import load_config
 from mrl.loss.variants import DimSampler
 
@@ -348,9 +349,10 @@ def test_matryoshka_dim_larger_than_embedding_width_raises():
     loss = MatryoshkaLoss(RecordingLoss(), [64, 8])
     with pytest.raises(ValueError, match="dims.*64"):
         loss(random_columns(0, 2, 3, 32), dims=loss.dims)
-    with pytest.raises(ValueError, match=r"loss\.dims.*64"):
-        check_dims([64, 8], field="loss.dims", width=32)
-    check_dims([32, 8], field="loss.dims", width=32)  # equal to the width is fine
+    with pytest.raises(ValueError, match=r"^loss\.dims: dim 64 is larger than the model's embedding size 32$"):
+        with naming("loss.dims"):  # the check says what is wrong, its caller names the field
+            check_dims([64, 8], width=32)
+    check_dims([32, 8], width=32)  # equal to the width is fine
 
 
 @pytest.mark.parametrize("dims,weights", [([16, 8, 16], None), ([16, 0], None), ([16, -8], None), ([16, 8.0], None),

@@ -2,6 +2,7 @@
 divergence, a safe run folder. One section per failure it guards against; each test would pass on none of
 them without its guard."""
 
+import dataclasses
 import gzip
 import json
 import os
@@ -16,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from mrl import Encoder
-from mrl.run.config import check_against_model, config_warnings, load_config
+from mrl.run.config import (at_least, check_against_model, check_fields, config_warnings, load_config, one_of,
+                            option, within)
 from mrl.data import LABEL, BatchSampler, degenerate_data, load_table
 from mrl.loss.base import contrastive_loss
 from mrl.loss.matryoshka import LossParts, per_dim_losses
@@ -238,10 +240,37 @@ def test_a_failure_during_the_final_save_leaves_the_previous_outputs_whole(tmp_p
     ("model.max_seq_length=-5", "model.max_seq_length: must be >= 1"),
     ("model.dense_dim=0", "model.dense_dim: must be >= 1"),
     ("train.lr=.nan", "train.lr: expected a finite number"),
+    # each kind of check declared beside a field (mrl.run.config.option), in check_fields' words
+    ("train.max_steps=0", r"^train\.max_steps: must be >= 1 or null, got 0$"),
+    ("train.batch_size=0", r"^train\.batch_size: must be >= 1, got 0$"),
+    ("train.warmup_ratio=1", r"^train\.warmup_ratio: must be in \[0, 1\), got 1\.0$"),
+    ("train.lr=0", r"^train\.lr: must be > 0, got 0\.0$"),
+    ("model.pooling=max", r"^model\.pooling: expected one of mean \| cls \| lasttoken or null, got 'max'$"),
+    ("model.lora.save=both", r"^model\.lora\.save: expected merged \| adapter, got 'both'$"),
+    ("eval.dims=[]", r"^eval\.dims: needs at least one dimension, got \[\]$"),  # a check that raises
 ])
 def test_bad_values_fail_at_config_load(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, [override])
+
+
+def test_check_fields_runs_the_check_declared_beside_each_field_naming_its_dotted_name():
+    @dataclasses.dataclass
+    class Inner:
+        k: int | None = option(None, at_least(1))
+        with_: str = option("a", one_of("a", "b"))
+
+    @dataclasses.dataclass
+    class Outer:
+        ratio: float = option(0.5, within(0, 1))
+        inner: Inner = dataclasses.field(default_factory=Inner)
+
+    check_fields(Outer())  # the defaults pass, None included
+    for outer, message in [(Outer(ratio=1.0), r"^ratio: must be in \[0, 1\), got 1\.0$"),
+                           (Outer(inner=Inner(k=0)), r"^inner\.k: must be >= 1 or null, got 0$"),
+                           (Outer(inner=Inner(with_="c")), r"^inner\.with: expected a \| b, got 'c'$")]:
+        with pytest.raises(ValueError, match=message):
+            check_fields(outer)
 
 
 def test_the_model_and_device_are_checked_before_any_data(tiny_model_dir):
@@ -254,6 +283,10 @@ def test_the_model_and_device_are_checked_before_any_data(tiny_model_dir):
     with pytest.raises(ValueError, match="train.mixed_precision: fp16 needs a GPU"):
         check_against_model(load_config(None, ["loss.dims=[32,8]", "train.mixed_precision=fp16"]), model,
                             torch.device("cpu"))
+    two_d = load_config(None, ["loss.dims=[32,8]", "loss.two_d.enabled=true", "loss.two_d.layers_per_step=2"])
+    with pytest.raises(ValueError, match=r"^loss\.two_d\.layers_per_step: must be in 1\.\.1 for a 2-layer model, "
+                                         r"got 2$"):
+        check_against_model(two_d, model, torch.device("cpu"))
 
 
 def write_rows(path, header, rows):

@@ -88,5 +88,5 @@ def test_2d_kl_teacher_is_detached():
 
 def test_layers_per_step_must_leave_a_last_layer():
     loss_fn = Matryoshka2dLoss(MatryoshkaLoss(partial(contrastive_loss, scale=20.0), [8]), layers_per_step=3)
-    with pytest.raises(ValueError, match="loss.two_d.layers_per_step"):
+    with pytest.raises(ValueError, match=r"^layers_per_step: must be in 1\.\.2 for a 3-layer model, got 3$"):
         loss_fn([torch.randn(4, 3, 8), torch.randn(4, 3, 8)], dims=[8])

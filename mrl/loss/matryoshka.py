@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mrl.cli import naming
 from mrl.loss.device import device_constant
 
 
@@ -73,9 +74,11 @@ class MatryoshkaLoss(nn.Module):
     def __init__(self, base_loss: Callable[..., Tensor], dims: Sequence[int], weights: Sequence[float] | None = None,
                  nested_loss: Callable[..., Tensor] | None = None):
         super().__init__()
-        check_dims(dims)
+        with naming("dims"):
+            check_dims(dims)
         weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
-        check_weights(weights, dims)
+        with naming("weights"):
+            check_weights(weights, dims)
         self.base_loss, self.nested_loss = base_loss, nested_loss
         self.dims = sorted(dims, reverse=True)
         self.weight_of = dict(zip(dims, weights))
@@ -107,22 +110,23 @@ class MatryoshkaLoss(nn.Module):
         return f"dims={self.dims}, weights={list(self.current_weights().values())}"
 
 
-def check_dims(dims: Sequence[int], *, field: str = "dims", width: int | None = None) -> None:
-    """Raise ValueError, naming `field`, unless dims are distinct positive integers, none above `width`."""
+def check_dims(dims: Sequence[int], width: int | None = None) -> None:
+    """Raise ValueError unless dims are distinct positive integers, none above `width`. The message names no
+    parameter or field: the caller does (mrl.cli.naming)."""
     if not dims:
-        raise ValueError(f"{field}: needs at least one dimension, got {list(dims)}")
+        raise ValueError(f"needs at least one dimension, got {list(dims)}")
     for d in dims:
         if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
-            raise ValueError(f"{field}: every dim must be a positive integer, got {d!r} in {list(dims)}")
+            raise ValueError(f"every dim must be a positive integer, got {d!r} in {list(dims)}")
     if len(set(dims)) != len(dims):
-        raise ValueError(f"{field}: duplicate dims in {list(dims)}")
+        raise ValueError(f"duplicate dims in {list(dims)}")
     if width is not None and max(dims) > width:
-        raise ValueError(f"{field}: dim {max(dims)} is larger than the model's embedding size {width}")
+        raise ValueError(f"dim {max(dims)} is larger than the model's embedding size {width}")
 
 
-def check_weights(weights: Sequence[float], dims: Sequence[int], *, field: str = "weights") -> None:
-    """Raise ValueError, naming `field`, unless there is one finite weight >= 0 per dim."""
+def check_weights(weights: Sequence[float], dims: Sequence[int]) -> None:
+    """Raise ValueError unless there is one finite weight >= 0 per dim (the caller names the field, as check_dims)."""
     if len(weights) != len(dims):
-        raise ValueError(f"{field}: got {len(weights)} weights for {len(dims)} dims {list(dims)}")
+        raise ValueError(f"got {len(weights)} weights for {len(dims)} dims {list(dims)}")
     if not all(math.isfinite(w) and w >= 0 for w in weights):
-        raise ValueError(f"{field}: every weight must be a finite number >= 0, got {list(weights)}")
+        raise ValueError(f"every weight must be a finite number >= 0, got {list(weights)}")

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from mrl.cli import naming
 from mrl.loss.matryoshka import LossParts
 from mrl.loss.nested import contrastive_scores_nested
 from mrl.loss.variants import kl_to_teacher
@@ -36,7 +37,8 @@ class Matryoshka2dLoss(nn.Module):
     def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, *, dims: Sequence[int],
                 rows: Tensor | None = None, **loss_kwargs) -> LossParts:
         n_layers, width = embeddings[0].shape[1:]
-        check_layers_per_step(self.layers_per_step, n_layers)
+        with naming("layers_per_step"):
+            check_layers_per_step(self.layers_per_step, n_layers)
         if rows is not None:
             loss_kwargs["rows"] = rows
         final = [e[:, -1] for e in embeddings]
@@ -57,7 +59,6 @@ class Matryoshka2dLoss(nn.Module):
 
 
 def check_layers_per_step(layers_per_step: int, n_layers: int) -> None:
-    """2D Matryoshka draws earlier layers from 1..L-1: at least one, and fewer than L."""
+    """2D Matryoshka draws earlier layers from 1..L-1: at least one, and fewer than L (the caller names the field)."""
     if not 1 <= layers_per_step < n_layers:
-        raise ValueError(f"loss.two_d.layers_per_step: must be in 1..{n_layers - 1} for a {n_layers}-layer model, "
-                         f"got {layers_per_step}")
+        raise ValueError(f"must be in 1..{n_layers - 1} for a {n_layers}-layer model, got {layers_per_step}")

@@ -95,16 +95,16 @@ class DimSampler:
                 + (", always the largest)" if self.always_full else ")"))
 
 
-def check_dim_sampling(n_dims: int, k: int | None, schedule: str, always_full: bool, prefix: str = "") -> None:
-    """Raise ValueError, naming the field (`prefix` + dims_per_step, schedule or always_full), unless k of n_dims
-    dims can be drawn per step by `schedule`."""
+def check_dim_sampling(n_dims: int, k: int | None, schedule: str, always_full: bool) -> None:
+    """Raise ValueError, the message starting with the setting's name (dims_per_step, schedule or always_full),
+    unless k of n_dims dims can be drawn per step by `schedule`."""
     if k is not None and not 1 <= k <= n_dims:
-        raise ValueError(f"{prefix}dims_per_step: must be between 1 and the number of dims ({n_dims}), got {k}")
+        raise ValueError(f"dims_per_step: must be between 1 and the number of dims ({n_dims}), got {k}")
     if schedule not in ("random", "cyclic"):
-        raise ValueError(f"{prefix}schedule: expected random | cyclic, got {schedule!r}")
+        raise ValueError(f"schedule: expected random | cyclic, got {schedule!r}")
     if always_full and k == 1:
-        raise ValueError(f"{prefix}always_full: with {prefix}dims_per_step=1 only the largest dim would train (no "
-                         f"Matryoshka); set {prefix}dims_per_step >= 2")
+        raise ValueError("always_full: with dims_per_step=1 only the largest dim would train (no Matryoshka); set "
+                         "dims_per_step >= 2")
 
 
 def kl_to_teacher(teacher: Tensor, student: Tensor, temperature: float) -> Tensor:
@@ -135,7 +135,7 @@ class PrefixDistillation(nn.Module):
     def __init__(self, matryoshka: MatryoshkaLoss, scores: Callable[..., Tensor], weight: float,
                  temperature: float = 0.05):
         super().__init__()
-        check_distillation(weight, temperature)
+        check_distillation(temperature, weight=weight)
         self.matryoshka, self.scores, self.weight, self.temperature = matryoshka, scores, weight, temperature
 
     def forward(self, embeddings: list[Tensor], labels: Tensor | None = None, *, dims: Sequence[int],
@@ -153,11 +153,11 @@ class PrefixDistillation(nn.Module):
         return f"weight={self.weight}, temperature={self.temperature}"
 
 
-def check_distillation(weight: float, temperature: float, prefix: str = "", weight_name: str = "weight") -> None:
-    """Raise ValueError, naming the fields, unless weight >= 0 and temperature > 0 (both finite)."""
-    if not (math.isfinite(weight) and weight >= 0 and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"{prefix}{weight_name} must be >= 0 and {prefix}temperature > 0, got {weight} and "
-                         f"{temperature}")
+def check_distillation(temperature: float, **weights: float) -> None:
+    """Raise ValueError, naming the weight, unless each weight is >= 0 and temperature > 0 (all finite)."""
+    for name, weight in weights.items():
+        if not (math.isfinite(weight) and weight >= 0 and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"{name} must be >= 0 and temperature > 0, got {weight} and {temperature}")
 
 
 class TeacherDistillation(nn.Module):
@@ -177,8 +177,7 @@ class TeacherDistillation(nn.Module):
     def __init__(self, matryoshka: nn.Module, scores: Callable[..., Tensor], kl_weight: float = 1.0,
                  temperature: float = 0.05, mse_weight: float = 0.0):
         super().__init__()
-        check_distillation(kl_weight, temperature, weight_name="kl_weight")
-        check_distillation(mse_weight, temperature, weight_name="mse_weight")
+        check_distillation(temperature, kl_weight=kl_weight, mse_weight=mse_weight)
         self.matryoshka, self.scores = matryoshka, scores
         self.kl_weight, self.temperature, self.mse_weight = kl_weight, temperature, mse_weight
 

@@ -2,11 +2,13 @@
 
 A recipe holds only what differs from the defaults, or from the recipe it names as `base: other.yaml`.
 Related fields sit in groups (loss.dim_sampling, loss.distill, loss.two_d, speed). Unknown keys and values of
-the wrong type fail at load time with the field's dotted name, before any model or data is touched. Dataset
-specs are dicts of `datasets.load_dataset` keyword arguments plus keys of ours (see `mrl.data.load_table`, and
-`mrl/data/mixture.py` for a mixture's).
+the wrong type fail at load time with the field's dotted name, before any model or data is touched: each field
+declares the check of its own value beside its default (`option`, run by `check_fields`), and `validate` adds
+those that relate fields to each other. Dataset specs are dicts of `datasets.load_dataset` keyword arguments plus
+keys of ours (see `mrl.data.load_table`, and `mrl/data/mixture.py` for a mixture's).
 """
 
+import copy
 import dataclasses
 import math
 import os
@@ -16,29 +18,74 @@ from dataclasses import dataclass, field
 
 import yaml
 
-
+from mrl.cli import naming
 from mrl.loss.base import LOSSES, check_columns
 from mrl.loss.matryoshka import check_dims, check_weights
 from mrl.model.pooling import POOLING_MODES
 from mrl.loss.two_d import check_layers_per_step
-from mrl.loss.variants import DIM_WEIGHT_RULES, check_dim_sampling, check_distillation
+from mrl.loss.variants import DIM_WEIGHT_RULES, check_dim_sampling
 
 STSB = "sentence-transformers/stsb"
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
+def option(default, check=None):
+    """A config field: its default (a list or dict is copied for each config) and `check`, the check of its value
+    alone: check(value) -> what the value must be ("must be >= 1"), or None when it is fine; or a ValueError of its
+    own. check_fields names the field, adds " or null" where the field may be None (None always passes) and the
+    value given."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"check": check})
+    return field(default=default, metadata={"check": check})
+
+
+def at_least(n):
+    return lambda value: None if value >= n else f"must be >= {n}"
+
+
+def above(x):
+    return lambda value: None if value > x else f"must be > {x}"
+
+
+def within(lo, hi):
+    """lo <= value < hi."""
+    return lambda value: None if lo <= value < hi else f"must be in [{lo}, {hi})"
+
+
+def one_of(*choices):
+    """Two choices read "expected a | b", more "expected one of a | b | c"."""
+    listed = ("one of " if len(choices) > 2 else "") + " | ".join(choices)
+    return lambda value: None if value in choices else f"expected {listed}"
+
+
+def names_to_texts(value: dict):
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return "expected a mapping of names to texts"
+
+
+def weights_or_rule(value: list | str):
+    """loss.dim_weights: a list (checked against loss.dims in validate) or the name of a rule."""
+    if isinstance(value, str) and value not in (rules := (*DIM_WEIGHT_RULES, "learned")):
+        return f"expected a list of numbers or one of {' | '.join(rules)}"
+
+
 @dataclass
 class ModelConfig:
     name: str = "sentence-transformers/all-MiniLM-L6-v2"  # hub id or local folder (HF or sentence-transformers)
-    max_seq_length: int | None = None  # None: the model's own (sentence_bert_config.json), else the tokenizer's
+    # None: the model's own (sentence_bert_config.json), else the tokenizer's
+    max_seq_length: int | None = option(None, at_least(1))
     normalize: bool | None = None  # L2-normalise the output; None: as the saved model says (True for plain HF)
-    dense_dim: int | None = None  # add a new Dense projection head to this width (the reduced-dim recipe)
+    # add a new Dense projection head to this width (the reduced-dim recipe)
+    dense_dim: int | None = option(None, at_least(1))
     dense_activation: str = "tanh"
-    dtype: str = "float32"  # the weights' dtype: float32 | float64 | bfloat16 | float16 (mixed precision: train.*)
-    pooling: str | None = None  # mean | cls | lasttoken; None: as the saved model says (a plain HF model: mean)
+    # the weights' dtype: float32 | float64 | bfloat16 | float16 (mixed precision: train.*)
+    dtype: str = option("float32", one_of(*DTYPES))
+    # mean | cls | lasttoken; None: as the saved model says (a plain HF model: mean)
+    pooling: str | None = option(None, one_of(*POOLING_MODES))
     include_prompt: bool | None = None  # False: prompt tokens left out of the pooled embedding; None: as saved
-    prompts: dict | None = None  # named prompts added to the model's and saved with it, e.g. {query: "query: "}
+    # named prompts added to the model's and saved with it, e.g. {query: "query: "}
+    prompts: dict | None = option(None, names_to_texts)
     append_eos: bool = False  # end every text with the EOS token (last-token pooling of decoders that need it)
     lora: "LoraConfig" = field(default_factory=lambda: LoraConfig())
 
@@ -46,41 +93,43 @@ class ModelConfig:
 @dataclass
 class LoraConfig:  # model.lora: train low-rank adapters instead of the backbone's weights (peft; mrl/model/lora.py)
     enabled: bool = False
-    r: int = 16  # the adapters' rank
-    alpha: float = 32.0  # their scale is alpha / r
-    dropout: float = 0.05
+    r: int = option(16, at_least(1))  # the adapters' rank
+    alpha: float = option(32.0, above(0))  # their scale is alpha / r
+    dropout: float = option(0.05, within(0, 1))
     target_modules: list[str] | str = "all-linear"  # which of the backbone's Linear layers get an adapter
-    save: str = "merged"  # merged: the adapters merged into the weights, a plain model | adapter: the adapter alone
+    # merged: the adapters merged into the weights, a plain model | adapter: the adapter alone
+    save: str = option("merged", one_of("merged", "adapter"))
 
 
 @dataclass
 class DataConfig:
-    train: dict = field(default_factory=lambda: {"path": STSB, "split": "train"})
+    train: dict = option({"path": STSB, "split": "train"})
     no_duplicates: bool | None = None  # a text appears at most once per batch; None: on for contrastive losses
-    mixture: str = "proportional"  # with several datasets in data.train: proportional | round_robin (mrl/data/mixture.py)
+    # with several datasets in data.train: proportional | round_robin (mrl/data/mixture.py)
+    mixture: str = option("proportional", one_of("proportional", "round_robin"))
     # a prompt per text column: a name of the model's prompts (model.prompts) or the text itself,
     # e.g. {anchor: query, positive: document, negative: document}
-    prompts: dict | None = None
+    prompts: dict | None = option(None, names_to_texts)
     num_workers: int = 0  # DataLoader workers (tokenisation happens in the collate function)
 
 
 @dataclass
 class DimSamplingConfig:  # loss.dim_sampling: train a few of the dims per step (mrl.loss.variants.DimSampler)
     dims_per_step: int | None = None  # None: every dim, every step (plain MRL)
-    schedule: str = "random"  # random | cyclic (each dim in turn, equally often)
+    schedule: str = option("random", one_of("random", "cyclic"))  # random | cyclic (each dim in turn, equally often)
     always_full: bool = False  # the largest dim is always one of them
 
 
 @dataclass
 class DistillConfig:  # loss.distill: prefix self-distillation (mrl.loss.variants.PrefixDistillation)
-    weight: float = 0.0  # 0: off; else w in L + w·Σ_d KL(P_full ‖ P_d)
-    temperature: float = 0.05
+    weight: float = option(0.0, at_least(0))  # 0: off; else w in L + w·Σ_d KL(P_full ‖ P_d)
+    temperature: float = option(0.05, above(0))
 
 
 @dataclass
 class TwoDConfig:  # loss.two_d: 2D Matryoshka (mrl.loss.two_d.Matryoshka2dLoss): also train earlier layers' embeddings
     enabled: bool = False
-    layers_per_step: int = 1  # earlier layers trained per step, drawn at random
+    layers_per_step: int = option(1, at_least(1))  # earlier layers trained per step, drawn at random
     layer_weight: float = 1.0  # weight of an earlier layer's Matryoshka loss
     kl_weight: float = 1.0  # weight of the KL toward the last layer's similarity distribution
     kl_temperature: float = 0.3
@@ -91,22 +140,25 @@ class TeacherConfig:  # loss.teacher: distil a teacher into every prefix (mrl.lo
     # a model folder or hub id: its embeddings of every training text are computed once, before training;
     # "data": they come with the data, a column "<text column>.teacher" of each table; None: off
     model: str | None = None
-    kl_weight: float = 1.0  # the KL from the teacher's in-batch similarity distribution to each prefix's
-    temperature: float = 0.05
-    mse_weight: float = 0.0  # MSE from each prefix to the teacher's, truncated alike (the widths must match)
+    # the KL from the teacher's in-batch similarity distribution to each prefix's
+    kl_weight: float = option(1.0, at_least(0))
+    temperature: float = option(0.05, above(0))
+    # MSE from each prefix to the teacher's, truncated alike (the widths must match)
+    mse_weight: float = option(0.0, at_least(0))
 
 
 @dataclass
 class LossConfig:
-    name: str = "cosent"  # one of mrl.loss.base.LOSSES: cosent | contrastive
+    name: str = option("cosent", one_of(*LOSSES))  # one of mrl.loss.base.LOSSES: cosent | contrastive
     scale: float = 20.0  # inverse temperature on cosines
     symmetric: bool = False  # contrastive only: also score positives -> anchors
     matryoshka: bool = True  # False: the base loss at full width only (the baseline)
-    dims: list[int] = field(default_factory=lambda: [384, 256, 128, 64, 32, 16, 8])
+    dims: list[int] = option([384, 256, 128, 64, 32, 16, 8], check_dims)
     # one weight per dim, or a rule: uniform | proportional | inverse_sqrt | inverse (mrl.loss.variants.DIM_WEIGHT_RULES)
     # | learned (uncertainty weighting, trained at dim_weight_lr); None: all 1
-    dim_weights: list[float] | str | None = None
-    dim_weight_lr: float = 1e-2  # peak learning rate of the learned dim weights (own group, same schedule)
+    dim_weights: list[float] | str | None = option(None, weights_or_rule)
+    # peak learning rate of the learned dim weights (own group, same schedule)
+    dim_weight_lr: float = option(1e-2, above(0))
     # contrastive: score each anchor against the candidates of every process (mrl/loss/dist.py);
     # None: on whenever a contrastive run has several processes
     cross_device: bool | None = None
@@ -121,20 +173,21 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 16  # per process, per forward
-    epochs: int = 1
-    max_steps: int | None = None  # optimiser steps; stops before the epochs run out if set
-    lr: float = 2e-5
-    warmup_ratio: float = 0.1  # linear warm-up over this fraction of the steps, then linear decay to 0
+    batch_size: int = option(16, at_least(1))  # per process, per forward
+    epochs: int = option(1, at_least(1))
+    max_steps: int | None = option(None, at_least(1))  # optimiser steps; stops before the epochs run out if set
+    lr: float = option(2e-5, above(0))
+    # linear warm-up over this fraction of the steps, then linear decay to 0
+    warmup_ratio: float = option(0.1, within(0, 1))
     weight_decay: float = 0.01  # AdamW, not applied to biases and LayerNorm weights
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables
-    grad_accum: int = 1  # gradient accumulation steps per optimiser step
-    mixed_precision: str | bool = "no"  # no | bf16 | fp16
+    grad_accum: int = option(1, at_least(1))  # gradient accumulation steps per optimiser step
+    mixed_precision: str | bool = option("no", one_of("no", "bf16", "fp16"))  # no | bf16 | fp16
     seed: int = 0
     drop_last: bool = False  # drop a last, smaller batch of each epoch
     save_every: int = 0  # checkpoint every N optimiser steps (0: only at the end)
     # GradCache (mrl/run/gradcache.py): embed the batch in chunks of this many texts, exactly; memory of one chunk
-    cache_chunk_size: int | None = None
+    cache_chunk_size: int | None = option(None, at_least(1))
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, more time
 
 
@@ -143,20 +196,20 @@ class SpeedConfig:  # how a batch is computed, never what: each option gives the
     # embed each batch as this many forwards over texts of similar length (less padding);
     # None: 1 on a GPU (launch-bound at small batches), on a CPU (compute-bound) groups of about 32 texts, at
     # least 2 (2 for 16 STS pairs, 12 for 128 NLI triplets). GradCache embeds in its own chunks instead
-    length_groups: int | None = None
+    length_groups: int | None = option(None, at_least(1))
     # pad every batch (and length group) up to a multiple of this many tokens, at most max_seq_length: a few
     # shapes instead of one per length, as torch.compile / CUDA graphs need; None: to its longest text
-    pad_to_multiple_of: int | None = None
+    pad_to_multiple_of: int | None = option(None, at_least(1))
     # torch.compile the encoder's training forward (and so its backward) in this mode: default | reduce-overhead
     # (CUDA graphs on a GPU) | max-autotune | max-autotune-no-cudagraphs; None: eager. Needs pad_to_multiple_of
-    compile: str | None = None
+    compile: str | None = option(None, one_of(*COMPILE_MODES))
 
 
 @dataclass
 class EvalConfig:
-    dev: dict | None = field(default_factory=lambda: {"path": STSB, "split": "validation"})
-    test: dict | None = field(default_factory=lambda: {"path": STSB, "split": "test"})
-    dims: list[int] | None = None  # None: loss.dims
+    dev: dict | None = option({"path": STSB, "split": "validation"})
+    test: dict | None = option({"path": STSB, "split": "test"})
+    dims: list[int] | None = option(None, check_dims)  # None: loss.dims
     layers: list[int] | None = None  # also evaluate the embeddings of the first k layers, for each k here (2D)
     prompt: str | None = None  # a prompt for both sentences of the STS pairs: a name of the model's prompts, or text
     every: int = 0  # evaluate on dev every N optimiser steps (0: at the start and end only)
@@ -168,7 +221,7 @@ class EvalConfig:
 class LogConfig:
     every: int = 10  # log losses every N optimiser steps
     # YAML key `with`: Accelerate trackers, e.g. [tensorboard, wandb]; one name alone (log.with=tensorboard) is fine
-    with_: list[str] | str = field(default_factory=list)
+    with_: list[str] | str = option([])
 
 
 @dataclass
@@ -316,104 +369,55 @@ def flat_dict(cfg: Config) -> dict:
     return dict(flatten(cfg, ""))
 
 
+def check_fields(obj, prefix: str = "") -> None:
+    """Run the check declared beside each field (`option`) on its value, naming the dotted field
+    (loss.dim_sampling.schedule; log.with for `with_`). None passes: _coerce lets it in only where the field's
+    type has None, as "off" or "as the model says"."""
+    for f in dataclasses.fields(obj):
+        value, name, check = getattr(obj, f.name), prefix + _key(f), f.metadata.get("check")
+        if dataclasses.is_dataclass(value):
+            check_fields(value, name + ".")
+        elif check is not None and value is not None:
+            with naming(name):
+                problem = check(value)
+            if problem:
+                or_null = " or null" if type(None) in typing.get_args(f.type) else ""
+                raise ValueError(f"{name}: {problem}{or_null}, got {value!r}")
+
+
 def validate(cfg: Config) -> None:
-    """Every check that needs no model or data, naming the field; check_against_model and check_columns run
-    once the model and the training table are loaded. Every check of the config is in this module."""
-    loss, train, speed = cfg.loss, cfg.train, cfg.speed
+    """Every check that needs no model or data, naming the field: each field's own (check_fields), then here
+    those that relate fields to each other; check_against_model and check_train_columns run once the model and
+    a training table are loaded. Every check of the config is in this module. Writes log.with as a list and a
+    mixed precision of false as "no"."""
+    loss, sampling, train, speed = cfg.loss, cfg.loss.dim_sampling, cfg.train, cfg.speed
     if isinstance(cfg.log.with_, str):
         cfg.log.with_ = [cfg.log.with_]
-    if loss.name not in LOSSES:
-        raise ValueError(f"loss.name: expected one of {sorted(LOSSES)}, got {loss.name!r}")
-    check_dims(loss.dims, field="loss.dims")
-    if isinstance(loss.dim_weights, str):
-        if loss.dim_weights not in DIM_WEIGHT_RULES and loss.dim_weights != "learned":
-            raise ValueError(f"loss.dim_weights: expected a list of numbers or one of "
-                             f"{sorted(DIM_WEIGHT_RULES) + ['learned']}, got {loss.dim_weights!r}")
-    elif loss.dim_weights is not None:
-        check_weights(loss.dim_weights, loss.dims, field="loss.dim_weights")
-    if loss.dim_weight_lr <= 0:
-        raise ValueError(f"loss.dim_weight_lr: must be > 0, got {loss.dim_weight_lr}")
-    sampling = loss.dim_sampling
+    if train.mixed_precision is False or train.mixed_precision == "False":  # YAML reads a bare `no` as false
+        train.mixed_precision = "no"
+    check_fields(cfg)
+
+    if isinstance(loss.dim_weights, list):
+        with naming("loss.dim_weights"):
+            check_weights(loss.dim_weights, loss.dims)
     if sampling.dims_per_step is None:
         for name, value, default in (("schedule", sampling.schedule, "random"),
                                      ("always_full", sampling.always_full, False)):
             if value != default:
                 raise ValueError(f"loss.dim_sampling.{name}: only has an effect with "
                                  f"loss.dim_sampling.dims_per_step set (got {value!r})")
-    check_dim_sampling(len(loss.dims), sampling.dims_per_step, sampling.schedule, sampling.always_full,
-                       "loss.dim_sampling.")
-    check_distillation(loss.distill.weight, loss.distill.temperature, "loss.distill.")
-    if loss.teacher.model is not None:
-        check_distillation(loss.teacher.kl_weight, loss.teacher.temperature, "loss.teacher.", "kl_weight")
-        check_distillation(loss.teacher.mse_weight, loss.teacher.temperature, "loss.teacher.", "mse_weight")
-        if not loss.matryoshka:
-            raise ValueError("loss.teacher: distils into the Matryoshka loss's prefixes, but loss.matryoshka is false")
+    with naming("loss.dim_sampling."):
+        check_dim_sampling(len(loss.dims), sampling.dims_per_step, sampling.schedule, sampling.always_full)
     if not loss.matryoshka:
+        if loss.teacher.model is not None:
+            raise ValueError("loss.teacher: distils into the Matryoshka loss's prefixes, but loss.matryoshka is false")
         for name, value, default in (("dim_weights", loss.dim_weights, None),
                                      ("dim_sampling.dims_per_step", sampling.dims_per_step, None),
                                      ("distill.weight", loss.distill.weight, 0.0)):
             if value != default:
                 raise ValueError(f"loss.{name}: is an option of the Matryoshka loss, but loss.matryoshka is false")
-    if loss.two_d.enabled and loss.two_d.layers_per_step < 1:
-        raise ValueError(f"loss.two_d.layers_per_step: must be >= 1, got {loss.two_d.layers_per_step}")
-    if cfg.eval.dims is not None:
-        check_dims(cfg.eval.dims, field="eval.dims")
-    if cfg.model.pooling is not None and cfg.model.pooling not in POOLING_MODES:
-        raise ValueError(f"model.pooling: expected one of {' | '.join(POOLING_MODES)} or null, got {cfg.model.pooling!r}")
-    lora = cfg.model.lora
-    if lora.enabled and (lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1):
-        raise ValueError(f"model.lora: r must be >= 1, alpha > 0 and dropout in [0, 1), got r={lora.r}, "
-                         f"alpha={lora.alpha}, dropout={lora.dropout}")
-    if lora.save not in ("merged", "adapter"):
-        raise ValueError(f"model.lora.save: expected merged | adapter, got {lora.save!r}")
-    for name, prompts in (("model.prompts", cfg.model.prompts), ("data.prompts", cfg.data.prompts)):
-        if prompts is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
-            raise ValueError(f"{name}: expected a mapping of names to texts, got {prompts!r}")
-    if cfg.model.dtype not in DTYPES:
-        raise ValueError(f"model.dtype: expected one of {' | '.join(DTYPES)}, got {cfg.model.dtype!r}")
-    for name, value in (("model.max_seq_length", cfg.model.max_seq_length), ("model.dense_dim", cfg.model.dense_dim)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name}: must be >= 1 or null, got {value}")
-    for name in ("batch_size", "epochs", "grad_accum"):
-        if getattr(train, name) < 1:
-            raise ValueError(f"train.{name}: must be >= 1, got {getattr(train, name)}")
-    if train.max_steps is not None and train.max_steps < 1:
-        raise ValueError(f"train.max_steps: must be >= 1 or null, got {train.max_steps}")
 
     train_specs = named_specs(cfg.data.train)
-    losses_used = {dataset_loss(spec, loss.name) for spec in train_specs.values()}
-    if "contrastive" not in losses_used:  # (in a mixture, these act on its contrastive datasets)
-        for name, value in (("false_negative_margin", loss.false_negative_margin), ("cross_device", loss.cross_device)):
-            if value not in (None, False):
-                raise ValueError(f"loss.{name}: acts on the contrastive loss, and no training dataset uses it "
-                                 f"(loss.name is {loss.name!r})")
-    if train.cache_chunk_size is not None and train.cache_chunk_size < 1:
-        raise ValueError(f"train.cache_chunk_size: must be >= 1 or null, got {train.cache_chunk_size}")
-    if not 0 <= train.warmup_ratio < 1:
-        raise ValueError(f"train.warmup_ratio: must be in [0, 1), got {train.warmup_ratio}")
-    if train.lr <= 0:
-        raise ValueError(f"train.lr: must be > 0, got {train.lr}")
-    if train.mixed_precision is False or train.mixed_precision == "False":  # YAML reads a bare `no` as false
-        train.mixed_precision = "no"
-    if train.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"train.mixed_precision: expected no | bf16 | fp16, got {train.mixed_precision!r}")
-    if speed.length_groups is not None and speed.length_groups < 1:
-        raise ValueError(f"speed.length_groups: must be >= 1 or null, got {speed.length_groups}")
-    if speed.pad_to_multiple_of is not None and speed.pad_to_multiple_of < 1:
-        raise ValueError(f"speed.pad_to_multiple_of: must be >= 1 or null, got {speed.pad_to_multiple_of}")
-    if speed.compile is not None:
-        if speed.compile not in COMPILE_MODES:
-            raise ValueError(f"speed.compile: expected one of {' | '.join(COMPILE_MODES)} or null, "
-                             f"got {speed.compile!r}")
-        if speed.pad_to_multiple_of is None:
-            raise ValueError("speed.compile: needs speed.pad_to_multiple_of (e.g. 16), so that batches come in a few "
-                             "shapes; with a shape per text length every step would compile anew")
-        if speed.compile == "reduce-overhead" and train.grad_accum > 1:
-            raise ValueError("speed.compile: reduce-overhead (CUDA graphs) not with train.grad_accum > 1: a graph's "
-                             "replay would overwrite the gradients accumulated from its earlier outputs")
-        if train.cache_chunk_size is not None:
-            raise ValueError("speed.compile: not with train.cache_chunk_size (GradCache replays dropout masks from "
-                             "the RNG state, which compiled code draws from differently)")
     for name, spec in [*((dataset_field(n, train_specs), s) for n, s in train_specs.items()),
                        ("eval.dev", cfg.eval.dev), ("eval.test", cfg.eval.test)]:
         if spec is not None and (not isinstance(spec, dict) or "path" not in spec):
@@ -425,21 +429,37 @@ def validate(cfg: Config) -> None:
         weight = spec.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
             raise ValueError(f"{where}.weight: expected a number > 0, got {weight!r}")
-    if cfg.data.mixture not in ("proportional", "round_robin"):
-        raise ValueError(f"data.mixture: expected proportional | round_robin, got {cfg.data.mixture!r}")
+    if "contrastive" not in {dataset_loss(spec, loss.name) for spec in train_specs.values()}:
+        for name, value in (("false_negative_margin", loss.false_negative_margin), ("cross_device", loss.cross_device)):
+            if value not in (None, False):  # (in a mixture, these act on its contrastive datasets)
+                raise ValueError(f"loss.{name}: acts on the contrastive loss, and no training dataset uses it "
+                                 f"(loss.name is {loss.name!r})")
+
+    if speed.compile is not None:
+        if speed.pad_to_multiple_of is None:
+            raise ValueError("speed.compile: needs speed.pad_to_multiple_of (e.g. 16), so that batches come in a few "
+                             "shapes; with a shape per text length every step would compile anew")
+        if speed.compile == "reduce-overhead" and train.grad_accum > 1:
+            raise ValueError("speed.compile: reduce-overhead (CUDA graphs) not with train.grad_accum > 1: a graph's "
+                             "replay would overwrite the gradients accumulated from its earlier outputs")
+        if train.cache_chunk_size is not None:
+            raise ValueError("speed.compile: not with train.cache_chunk_size (GradCache replays dropout masks from "
+                             "the RNG state, which compiled code draws from differently)")
 
 
 def check_against_model(cfg: Config, model, device) -> None:
     """The checks that need the loaded model (an mrl Encoder) and the device: dims within its width, layers
     within its depth, the sequence length within its positions, a precision the device runs."""
-    check_dims(cfg.loss.dims, field="loss.dims", width=model.embedding_dim)
-    if cfg.eval.dims is not None:
-        check_dims(cfg.eval.dims, field="eval.dims", width=model.embedding_dim)
+    for name, dims in (("loss.dims", cfg.loss.dims), ("eval.dims", cfg.eval.dims)):
+        if dims is not None:
+            with naming(name):
+                check_dims(dims, width=model.embedding_dim)
     for n_layers in cfg.eval.layers or []:
         if not 1 <= n_layers <= model.num_layers:
             raise ValueError(f"eval.layers: {n_layers} is not in 1..{model.num_layers} (the model's layers)")
     if cfg.loss.two_d.enabled:
-        check_layers_per_step(cfg.loss.two_d.layers_per_step, model.num_layers)
+        with naming("loss.two_d.layers_per_step"):
+            check_layers_per_step(cfg.loss.two_d.layers_per_step, model.num_layers)
     limit = position_limit(model.backbone.config)
     if limit is not None and model.max_seq_length > limit:
         raise ValueError(f"model.max_seq_length: {model.max_seq_length} is more than the {limit} positions of "
