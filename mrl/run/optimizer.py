@@ -8,7 +8,6 @@ import math
 
 import torch
 from torch import nn
-from transformers import get_linear_schedule_with_warmup
 
 
 def param_groups(model: nn.Module, loss_parameters: list, weight_decay: float, dim_weight_lr: float) -> list[dict]:
@@ -20,12 +19,22 @@ def param_groups(model: nn.Module, loss_parameters: list, weight_decay: float, d
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, train, batches_per_epoch: int, n_processes: int):
-    """(scheduler, total optimiser steps): linear warm-up over train.warmup_ratio of the steps (rounded up, as
-    the reference trainer does), then linear decay to 0. A prepared scheduler steps once per process per step."""
+    """(scheduler, total optimiser steps T): the learning rate times
+
+        f(t) = t / W  for t < W,   then  (T − t) / (T − W)  down to 0,   W = ⌈warmup_ratio · T⌉
+
+    (warm-up rounded up, as the reference trainer does; the same function as transformers'
+    get_linear_schedule_with_warmup, written here because importing that loads accelerate). A prepared
+    scheduler steps once per process per step, so t, W and T count process steps: n_processes per step."""
     steps_per_epoch = math.ceil(batches_per_epoch / (n_processes * train.grad_accum))
     total_steps = min(train.epochs * steps_per_epoch, train.max_steps or math.inf)
-    warmup_steps = math.ceil(train.warmup_ratio * total_steps)
-    return get_linear_schedule_with_warmup(optimizer, warmup_steps * n_processes, total_steps * n_processes), total_steps
+    warmup, total = math.ceil(train.warmup_ratio * total_steps) * n_processes, total_steps * n_processes
+
+    def factor(t: int) -> float:
+        if t < warmup:
+            return float(t) / float(max(1, warmup))
+        return max(0.0, float(total - t) / float(max(1, total - warmup)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), total_steps
 
 
 def reduce_grads(parameters: list, accelerator) -> None:
