@@ -172,6 +172,8 @@ def test_the_command_writes_table_json_and_card(tiny_model_dir, small_sts, tripl
     main(argv)  # a second run reads mteb's cache, and the card's section is replaced, not added twice
     again = json.loads((tmp_path / "out" / "mteb.json").read_text())["scores"]
     assert {t: pytest.approx(s, abs=1e-3) for t, s in results["scores"].items()} == again  # (stored rounded)
+    assert json.loads((tmp_path / "out" / "mteb.json").read_text())["seconds"] == pytest.approx(results["seconds"],
+                                                                                              abs=0.2)  # as run
     card = (model / "README.md").read_text()
     assert card.startswith("# My model\n\nSome text.\n") and card.count("## MTEB") == 1
     assert "| LocalSTS-" in card
@@ -189,6 +191,7 @@ def test_a_hub_id_through_the_mirror_is_named_by_its_id(tiny_model_dir, small_st
 
 @pytest.mark.parametrize("change, message", [
     ({"--tasks": ["NoSuchTask"]}, "--tasks: 'NoSuchTask' not found"),
+    ({"--benchmark": "MTEB(eng, v9)"}, r"--benchmark: 'MTEB\(eng, v9\)' not found. Did you mean: MTEB\(eng, v2\)"),
     ({"--dims": ["64"]}, r"--dims: \[64\] outside 1..32"),
     ({"--model": "NOT_A_MODEL"}, "--model: .* is a folder without config.json or modules.json, not a model"),
 ])

@@ -78,6 +78,11 @@ def load_tasks(args):
             tasks.append(mteb.get_task(task_name))
         except KeyError as error:
             raise ValueError(f"--tasks: {str(error.args[0]).removeprefix('KeyError: ')}") from None  # with close names
+    if args.benchmark:
+        try:
+            tasks += list(mteb.get_benchmark(args.benchmark).tasks)
+        except KeyError as error:
+            raise ValueError(f"--benchmark: {str(error.args[0]).removeprefix('KeyError: ')}") from None
     if args.local_sts:
         table = load_table({"path": "csv", "data_files": {"test": args.local_sts}, "split": "test", "score_max": 5},
                            "--local-sts", needs_label=True)  # scores divided by 5: in [0, 1]
