@@ -194,13 +194,14 @@ def test_a_hub_id_through_the_mirror_is_named_by_its_id(tiny_model_dir, small_st
     ({"--benchmark": "MTEB(eng, v9)"}, r"--benchmark: 'MTEB\(eng, v9\)' not found. Did you mean: MTEB\(eng, v2\)"),
     ({"--dims": ["64"]}, r"--dims: \[64\] outside 1..32"),
     ({"--model": "NOT_A_MODEL"}, "--model: .* is a folder without config.json or modules.json, not a model"),
+    ({"--model": "missing/folder/here"}, "--model: no model folder at"),
 ])
 def test_bad_input_is_named_before_any_compute(tiny_model_dir, small_sts, tmp_path, monkeypatch, change, message):
     (tmp_path / "NOT_A_MODEL").mkdir()
     monkeypatch.setattr(Encoder, "encode", lambda *a, **k: pytest.fail("encoded before the input was checked"))
     args = {"--model": str(tiny_model_dir), "--local-sts": small_sts, "--out": str(tmp_path / "out")}
     args.update({k: str(tmp_path / v) if k == "--model" else v for k, v in change.items()})
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
         main([x for k, v in args.items() for x in [k, *(v if isinstance(v, list) else [v])]])
 
 

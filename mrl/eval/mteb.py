@@ -182,7 +182,10 @@ def main(argv=None):
 
     if args.card and not os.path.isdir(args.card):
         raise FileNotFoundError(f"--card: no model folder at {args.card!r}")
-    path = resolve_model(args.model, load_mirror(args.mirror))
+    try:
+        path = resolve_model(args.model, load_mirror(args.mirror))
+    except FileNotFoundError as error:  # resolve_model names the config field
+        raise FileNotFoundError(str(error).replace("model.name", "--model", 1)) from None
     if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "modules.json")):
         raise ValueError(f"--model: {args.model} is a folder without config.json or modules.json, not a model")
     tasks = load_tasks(args)
