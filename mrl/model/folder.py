@@ -4,6 +4,10 @@ listing the modules, 1_Pooling/config.json (the pooling mode, in the older pooli
 pooling_mode field, and include_prompt), 2_Dense/ (config and weights) when there is a projection head, a
 Normalize module, sentence_bert_config.json (max_seq_length) and config_sentence_transformers.json
 (similarity function, prompts, the Matryoshka dims). Folders or hub ids.
+
+The Matryoshka dims also go into the backbone's config.json as `matryoshka_dimensions` (and `is_matryoshka`):
+config_sentence_transformers.json's `matryoshka_dims` is read by no embedding server, while vLLM accepts an
+OpenAI-style `dimensions` request only for a config.json with one of those keys (and only a listed dim).
 """
 
 import json
@@ -90,9 +94,30 @@ def write_layout(path: str, hidden_size: int, max_seq_length: int, normalize: bo
     _write_json(os.path.join(path, "modules.json"), modules)
     _write_json(os.path.join(path, "sentence_bert_config.json"), {"max_seq_length": max_seq_length,
                                                                   "do_lower_case": False})
+    dims = sorted(matryoshka_dims, reverse=True) if matryoshka_dims else None
     _write_json(os.path.join(path, "config_sentence_transformers.json"), {
         "prompts": layout.prompts, "default_prompt_name": layout.default_prompt_name, "similarity_fn_name": "cosine",
-        "matryoshka_dims": sorted(matryoshka_dims, reverse=True) if matryoshka_dims else None})
+        "matryoshka_dims": dims})
+    write_matryoshka_config(path, dims)
+
+
+SERVER_MATRYOSHKA_KEYS = ("matryoshka_dimensions", "is_matryoshka")  # what vLLM reads in config.json
+
+
+def write_matryoshka_config(path: str, dims: list[int] | None) -> None:
+    """Add the dims to the backbone's config.json (largest first), or remove stale ones when there are none: a
+    model loaded from a Matryoshka folder carries the keys in its config, and must not claim them unless saved
+    with dims. A LoRA adapter saved alone has no config.json (its base model's serves): nothing to write."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    for key in SERVER_MATRYOSHKA_KEYS:
+        config.pop(key, None)
+    if dims:
+        config.update(matryoshka_dimensions=dims, is_matryoshka=True)
+    _write_json(config_path, config)
 
 
 def _module_kind(module: dict, name_or_path: str) -> str:
