@@ -1,4 +1,4 @@
-"""MTEB at every dim × precision (python -m mrl.eval.mteb), offline: local MTEB tasks built from ../shared (STS-B
+"""MTEB at every dim × precision (python -m mrl.mteb), offline: local MTEB tasks built from ../shared (STS-B
 test pairs as an STS task, NLI triplets as a retrieval task) score exactly what mrl's own evaluators score on the
 same pairs and corpus, at each dim and precision; two dims never share a cached result; the command's outputs,
 card and errors. Only mteb's public API is used. Skipped without mteb (pip install -e .[mteb]).
@@ -208,7 +208,7 @@ def test_bad_input_is_named_before_any_compute(tiny_model_dir, small_sts, tmp_pa
 def test_errors_print_one_line(tiny_model_dir, tmp_path):
     for extra, expected in ((["--tasks", "STSBenchmarkk"], "ValueError: --tasks: 'STSBenchmarkk' not found"),
                             (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'")):
-        run = subprocess.run([sys.executable, "-m", "mrl.eval.mteb", "--model", str(tiny_model_dir), "--out",
+        run = subprocess.run([sys.executable, "-m", "mrl.mteb", "--model", str(tiny_model_dir), "--out",
                               str(tmp_path), *extra], capture_output=True, text=True, cwd=REPO, timeout=300)
         assert run.returncode != 0 and expected in run.stderr, run.stderr
         assert "Traceback" not in run.stderr

@@ -1,10 +1,10 @@
-"""MTEB at every dim × precision: python -m mrl.eval.mteb (mteb is an optional extra, pip install -e .[mteb],
+"""MTEB at every dim × precision: python -m mrl.mteb (mteb is an optional extra, pip install -e .[mteb],
 imported only inside functions).
 
-    python -m mrl.eval.mteb --model runs/default/model --tasks STSBenchmark SciFact --dims 384 128 32 \
+    python -m mrl.mteb --model runs/default/model --tasks STSBenchmark SciFact --dims 384 128 32 \
         --precision float32 int8 binary --out runs/mteb --card runs/default/model
-    python -m mrl.eval.mteb --model runs/default/model --benchmark "MTEB(eng, v2)" --dims 384 64 --out runs/mteb-eng
-    python -m mrl.eval.mteb --model ../shared/models/all-MiniLM-L6-v2 --local-sts ../shared/data/stsb/test.csv \
+    python -m mrl.mteb --model runs/default/model --benchmark "MTEB(eng, v2)" --dims 384 64 --out runs/mteb-eng
+    python -m mrl.mteb --model ../shared/models/all-MiniLM-L6-v2 --local-sts ../shared/data/stsb/test.csv \
         --local-nli ../shared/data/nli/triplets.jsonl.gz --out runs/mteb-local        # offline: local tasks
 
 --model is a folder or a hub id (through the mirror file, as in train.py), of mrl or any model mrl.Encoder reads.
@@ -152,7 +152,7 @@ def evaluate_mteb(encoder, tasks, dims: list[int], precisions: list[str], name: 
 
 def main(argv=None):
     sys.excepthook = one_line_errors  # an error a user can fix prints as one line (mrl/cli.py)
-    parser = argparse.ArgumentParser(prog="python -m mrl.eval.mteb", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m mrl.mteb", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder or hub id")
     parser.add_argument("--name", help="the results' model name (default: the hub id, or local/<folder name>)")
@@ -174,7 +174,7 @@ def main(argv=None):
     try:
         import mteb
     except ImportError:
-        raise ImportError("python -m mrl.eval.mteb needs mteb: pip install -e .[mteb]") from None
+        raise ImportError("python -m mrl.mteb needs mteb: pip install -e .[mteb]") from None
     import datasets
 
     datasets.disable_progress_bars()  # mteb's per-evaluation dataset maps would bury the tasks × dims bar

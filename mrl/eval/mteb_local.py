@@ -1,7 +1,7 @@
 """MTEB tasks from local data, for evaluating without network: an STS table (sentence pairs and gold scores) as an
 mteb AbsTaskSTS, and a retrieval set (mrl.retrieval.data: a BEIR folder or NLI triplets) as an AbsTaskRetrieval.
 Their data is held in memory and handed over in load_data, as mteb's own test tasks do. mteb is imported inside
-the functions (pip install -e .[mteb]). `load_tasks`: what python -m mrl.eval.mteb's task flags name.
+the functions (pip install -e .[mteb]). `load_tasks`: what python -m mrl.mteb's task flags name.
 
 mteb caches a result by model and task *name*, whatever the task's data, so each name carries a hash of the data:
 another file under the same flag is another task, never a cached one.

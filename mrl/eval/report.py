@@ -21,7 +21,7 @@ def markdown_table(results: dict[str, dict[int, float]], metric: str = "Spearman
 
 
 def mteb_table(results: dict) -> str:
-    """python -m mrl.eval.mteb's results -> a Markdown table: a row per task, a column per dim × precision (the
+    """python -m mrl.mteb's results -> a Markdown table: a row per task, a column per dim × precision (the
     task's main score ×100), and the seconds the task took at all of them."""
     columns = [f"d{d}/{p}" for d in results["dims"] for p in results["precisions"]]
     lines = ["| task | " + " | ".join(c.replace("/", " ") for c in columns) + " | seconds |",
@@ -38,7 +38,7 @@ MTEB_START, MTEB_END = "<!-- mteb -->", "<!-- /mteb -->"
 def with_mteb_section(card: str, table: str) -> str:
     """The model card with its MTEB section (between the two markers) replaced by `table`, or added at the end."""
     section = (f"{MTEB_START}\n## MTEB\n\nMain score ×100 of each task at each dim and precision, from "
-               f"`python -m mrl.eval.mteb` (truncated, re-normalised embeddings):\n\n{table}\n{MTEB_END}")
+               f"`python -m mrl.mteb` (truncated, re-normalised embeddings):\n\n{table}\n{MTEB_END}")
     if MTEB_START in card and MTEB_END in card:
         before, rest = card.split(MTEB_START, 1)
         return before + section + rest.split(MTEB_END, 1)[1]
