@@ -3,6 +3,7 @@
     base loss (mrl.loss.base, named by loss.name)
       -> MatryoshkaLoss over loss.dims, every dim from one batched computation (mrl.loss.nested), weights by
          loss.dim_weights (a list, a rule, or learned: mrl.loss.variants)
+      -> + every prefix stored in int8 / int4 / binary, and a regulariser (loss.quantisation: mrl.loss.quantisation)
       -> + prefix self-distillation (loss.distill) -> + distillation from a teacher (loss.teacher)
       -> 2D Matryoshka over layers (loss.two_d)
 with the dims of each step drawn by a DimSampler (loss.dim_sampling), every process's embeddings gathered
@@ -12,12 +13,14 @@ denominator with loss.false_negative_margin (mrl.loss.base.false_negatives).
 
 from dataclasses import replace
 
+import torch
 from torch import Tensor
 
 from mrl.loss.dist import gather_columns
 from mrl.loss.base import false_negatives
 from mrl.loss.matryoshka import LossParts, MatryoshkaLoss
 from mrl.loss.nested import NESTED_SCORES, losses_for
+from mrl.loss.quantisation import PRECISIONS, QuantisedPrefixes
 from mrl.loss.two_d import Matryoshka2dLoss
 from mrl.loss.variants import (DimSampler, LearnedWeightsMatryoshkaLoss, PrefixDistillation, TeacherDistillation,
                        dim_weights)
@@ -31,7 +34,8 @@ class Objective:
     embedding size (the baseline trains that dim alone); n_processes: for the cross-device default.
 
     Attributes: `loss` (the nn.Module to checkpoint and whose parameters, if any, to train), `matryoshka` (the
-    Matryoshka loss inside it: its current_weights), `dim_sampler` (None, or a DimSampler to checkpoint).
+    Matryoshka loss inside it: its current_weights), `dim_sampler` (None, or a DimSampler to checkpoint),
+    `quantised` (None, or the QuantisedPrefixes inside it: its ranges to calibrate before training).
     """
 
     def __init__(self, loss_config, width: int, n_processes: int = 1):
@@ -44,6 +48,12 @@ class Objective:
             weights = dim_weights(rule, dims) if isinstance(rule, str) else rule
             self.matryoshka = MatryoshkaLoss(base_loss, dims, weights, nested_loss)
         self.loss, distill, two_d = self.matryoshka, loss_config.distill, loss_config.two_d
+        self.quantised, quantisation = None, loss_config.quantisation
+        precisions = {p: getattr(quantisation, p) for p in PRECISIONS}  # each one's weight
+        if any(precisions.values()) or quantisation.regulariser:
+            ranges = None if quantisation.range is None else torch.full((width,), quantisation.range)
+            self.loss = self.quantised = QuantisedPrefixes(self.loss, nested_loss, precisions, width, ranges,
+                                                           quantisation.regulariser, quantisation.regulariser_weight)
         if distill.weight > 0:
             self.loss = PrefixDistillation(self.loss, NESTED_SCORES[loss_config.name], distill.weight,
                                            distill.temperature)

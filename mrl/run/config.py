@@ -1,11 +1,11 @@
 """One config tree: dataclass defaults <- a YAML recipe of changes <- `--set a.b=value` overrides.
 
 A recipe holds only what differs from the defaults, or from the recipe it names as `base: other.yaml`.
-Related fields sit in groups (loss.dim_sampling, loss.distill, loss.two_d, speed). Unknown keys and values of
-the wrong type fail at load time with the field's dotted name, before any model or data is touched: each field
-declares the check of its own value beside its default (`option`, run by `check_fields`), and `validate` adds
-those that relate fields to each other. Dataset specs are dicts of `datasets.load_dataset` keyword arguments plus
-keys of ours (see `mrl.data.load_table`, and `mrl/data/mixture.py` for a mixture's).
+Related fields sit in groups (loss.dim_sampling, loss.distill, loss.two_d, loss.quantisation, speed). Unknown keys
+and values of the wrong type fail at load time with the field's dotted name, before any model or data is touched:
+each field declares the check of its own value beside its default (`option`, run by `check_fields`), and
+`validate` adds those that relate fields to each other. Dataset specs are dicts of `datasets.load_dataset`
+keyword arguments plus keys of ours (see `mrl.data.load_table`, and `mrl/data/mixture.py` for a mixture's).
 """
 
 import copy
@@ -22,6 +22,7 @@ from mrl.cli import naming
 from mrl.loss.base import LOSSES, check_columns
 from mrl.loss.matryoshka import check_dims, check_weights
 from mrl.model.pooling import POOLING_MODES
+from mrl.loss.quantisation import PRECISIONS, REGULARISERS, check_quantisation
 from mrl.loss.two_d import check_layers_per_step
 from mrl.loss.variants import DIM_WEIGHT_RULES, check_dim_sampling
 
@@ -148,6 +149,22 @@ class TeacherConfig:  # loss.teacher: distil a teacher into every prefix (mrl.lo
 
 
 @dataclass
+class QuantisationConfig:  # loss.quantisation: train every prefix as stored (mrl.loss.quantisation.QuantisedPrefixes)
+    # each precision's weight λ in L + Σ_p λ_p Σ_d L(prefix d stored at p), its codes through a straight-through
+    # estimator; 0: off
+    int8: float = option(0.0, at_least(0))
+    int4: float = option(0.0, at_least(0))
+    binary: float = option(0.0, at_least(0))  # by sign, scored with the scaled cosine 1 − 2·Hamming/d
+    # the int8 / int4 range of each coordinate: its max |x| over this many training texts, embedded at full width
+    # and unit-normalised by the model before training (kept in checkpoints and the saved folder)
+    calibration_rows: int = option(1024, at_least(1))
+    range: float | None = option(None, above(0))  # or one fixed symmetric range [−range, range]; None: calibrated
+    # of the float prefixes: spread_out | orthogonality (formulas in mrl/loss/quantisation.py); None: none
+    regulariser: str | None = option(None, one_of(*REGULARISERS))
+    regulariser_weight: float = option(0.0, at_least(0))
+
+
+@dataclass
 class LossConfig:
     name: str = option("cosent", one_of(*LOSSES))  # one of mrl.loss.base.LOSSES: cosent | contrastive
     scale: float = 20.0  # inverse temperature on cosines
@@ -169,6 +186,7 @@ class LossConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     two_d: TwoDConfig = field(default_factory=TwoDConfig)
+    quantisation: QuantisationConfig = field(default_factory=QuantisationConfig)
 
 
 @dataclass
@@ -408,6 +426,12 @@ def validate(cfg: Config) -> None:
                                  f"loss.dim_sampling.dims_per_step set (got {value!r})")
     with naming("loss.dim_sampling."):
         check_dim_sampling(len(loss.dims), sampling.dims_per_step, sampling.schedule, sampling.always_full)
+    quantisation = loss.quantisation
+    with naming("loss.quantisation."):
+        check_quantisation(precision_weights(quantisation), quantisation.regulariser, quantisation.regulariser_weight)
+    if quantisation.range is not None and not (quantisation.int8 or quantisation.int4):
+        raise ValueError(f"loss.quantisation.range: sets the int8 / int4 ranges, but neither is trained (got "
+                         f"{quantisation.range})")
     if not loss.matryoshka:
         if loss.teacher.model is not None:
             raise ValueError("loss.teacher: distils into the Matryoshka loss's prefixes, but loss.matryoshka is false")
@@ -445,6 +469,11 @@ def validate(cfg: Config) -> None:
         if train.cache_chunk_size is not None:
             raise ValueError("speed.compile: not with train.cache_chunk_size (GradCache replays dropout masks from "
                              "the RNG state, which compiled code draws from differently)")
+
+
+def precision_weights(quantisation: QuantisationConfig) -> dict[str, float]:
+    """loss.quantisation's precisions and their weights, {int8: λ, int4: λ, binary: λ}; those above 0 are trained."""
+    return {p: getattr(quantisation, p) for p in PRECISIONS}
 
 
 def check_against_model(cfg: Config, model, device) -> None:
