@@ -40,8 +40,14 @@ def test_cli_evaluates_models_and_writes_tables_and_plots(tmp_path, tiny_model_d
     assert set(results["a"]["retrieval"]["16"]) == {"ndcg@10", "mrr@10", "recall@10", "recall@100"}
     assert results["a"]["retrieval"]["32"]["recall@100"] == 100.0  # 6 documents: all of them are in the top 100
     kinds = {q["storage"] for q in results["a"]["quantization"]}
-    assert {"float32", "int8", "binary"} <= kinds and len(results["a"]["quantization"]) == 3 * 4
+    assert {"float32", "int8", "int4", "binary", "int4 + float rescoring of top 4×100"} <= kinds
+    assert len(results["a"]["quantization"]) == 3 * 7  # float32; int8, int4, binary, each with and without rescoring
+    assert all(q["recall@100"] == 100.0 for q in results["a"]["quantization"])  # 6 documents
+    assert set(results["a"]["sts_precisions"]) == {"int8", "int8, rescored", "int4", "int4, rescored", "binary",
+                                                   "binary, rescored"}
+    assert set(results["a"]["sts_precisions"]["int4"]) == {"32", "16", "8"}
     markdown = (out / "results.md").read_text()
+    assert "## STS × precision: a" in markdown and "| % of float32 at d=32 |" in markdown
     assert "## STS: Spearman ×100 per dim" in markdown and "## Retrieval: ndcg@10" in markdown
     assert "Quantisation × truncation: a" in markdown
     for png in ("sts.png", "sts_relative.png", "retrieval_ndcg.png", "retrieval_ndcg_relative.png"):

@@ -22,12 +22,13 @@ import yaml
 
 from mrl.cli import one_line_errors
 from mrl.data.tables import load_table
-from mrl.eval.report import markdown_table
+from mrl.eval.precision import by_storage, quantization_markdown, quantization_table
+from mrl.eval.report import markdown_table, retention_markdown
 from mrl.retrieval.data import load_beir, nli_retrieval_set
-from mrl.retrieval.metrics import METRICS, evaluate_retrieval, rankings_from, retrieval_metrics
-from mrl.retrieval.quantize import quantized_search, storage_bytes
+from mrl.retrieval.metrics import METRICS, evaluate_retrieval
+from mrl.retrieval.quantize import PRECISIONS
 from mrl.sources import load_mirror, resolve_model
-from mrl.eval.sts import evaluate_sts
+from mrl.eval.sts import evaluate_sts_stored
 
 DEFAULT_STS = "{path: sentence-transformers/stsb, split: test}"
 
@@ -40,19 +41,6 @@ def default_dims(width: int) -> list[int]:
         d //= 2
         dims.add(d)
     return sorted(dims | {d for d in (512, 256, 128, 64, 32, 16, 8) if d < width}, reverse=True)
-
-
-def quantization_table(queries, docs, data, dims) -> list[dict]:
-    """nDCG@10 and bytes per vector at each dim for float32, int8, binary and binary with float rescoring."""
-    rows = []
-    for d in dims:
-        for kind, rescore in (("float32", 0), ("int8", 0), ("binary", 0), ("binary", 4)):
-            _, index = quantized_search(queries, docs, d, kind, k=100, rescore=rescore)
-            metrics = retrieval_metrics(rankings_from(index, data), data.qrels)
-            rows.append({"dim": d, "storage": kind + (f" + float rescoring of top {rescore}×100" if rescore else ""),
-                         "bytes": storage_bytes(kind, d), "ndcg@10": metrics["ndcg@10"],
-                         "recall@10": metrics["recall@10"]})
-    return rows
 
 
 def plot(scores: dict[str, dict[int, float]], ylabel: str, title: str, path_stem: str) -> list[str]:
@@ -103,9 +91,13 @@ def evaluate_models(args) -> dict:
         encoder = Encoder.from_pretrained(resolve_model(model_path, mirror)).to(device)
         dims = args.dims or default_dims(encoder.embedding_dim)
         entry = {"model": model_path, "dims": dims}
-        if sts_table is not None:
-            entry["sts"] = evaluate_sts(encoder, sts_table, dims, args.batch_size, show_progress=True,
-                                        n_layers=args.n_layers, layer_norm=args.layer_norm)
+        if sts_table is not None:  # with --quantization, each precision too, from the same vectors
+            precisions = PRECISIONS if args.quantization else ["float32"]
+            sts = evaluate_sts_stored(encoder, sts_table, dims, precisions, args.batch_size, show_progress=True,
+                                      n_layers=args.n_layers, layer_norm=args.layer_norm, rescore=True)
+            entry["sts"] = sts.pop("float32")
+            if sts:
+                entry["sts_precisions"] = sts
         if data is not None:
             encode = dict(batch_size=args.batch_size, normalize=False, show_progress=True, n_layers=args.n_layers,
                           layer_norm=args.layer_norm)
@@ -133,11 +125,15 @@ def write_outputs(results: dict, out: str, plots: bool = True) -> None:
         table = {name: {d: m[metric] for d, m in by_dim.items()} for name, by_dim in retrieval.items()}
         sections.append(f"## Retrieval: {metric} ×100 per dim\n\n" + markdown_table(table, metric))
     for name, r in results.items():
+        if r.get("sts_precisions"):
+            table = {"float32": {int(d): s for d, s in r["sts"].items()},
+                     **{p: {int(d): s for d, s in by_dim.items()} for p, by_dim in r["sts_precisions"].items()}}
+            sections.append(f"## STS × precision: {name}\n\nSpearman ×100 (rescored: the first sentence in float)"
+                            f"\n\n{markdown_table(table)}\n\nRetained:\n\n{retention_markdown(table)}")
         if r.get("quantization"):
-            lines = ["| dim | storage | bytes/vector | nDCG@10 | Recall@10 |", "| ---: | --- | ---: | ---: | ---: |"]
-            lines += [f"| {q['dim']} | {q['storage']} | {q['bytes']} | {q['ndcg@10']:.2f} | {q['recall@10']:.2f} |"
-                      for q in r["quantization"]]
-            sections.append(f"## Quantisation × truncation: {name}\n\n" + "\n".join(lines))
+            ndcg = by_storage(r["quantization"])
+            sections.append(f"## Quantisation × truncation: {name}\n\n{quantization_markdown(r['quantization'])}"
+                            f"\n\nnDCG@10 retained:\n\n{retention_markdown(ndcg)}")
     if plots:
         if sts:
             figures += plot(sts, "Spearman ×100", "STS per dim", os.path.join(out, "sts"))
@@ -176,7 +172,8 @@ def main(argv=None, prog: str | None = None):
     parser.add_argument("--dims", type=int, nargs="+", help="default: the width, its halvings while >= 8, and 512..8 below the width")
     parser.add_argument("--n-layers", type=int, help="embed with the first n layers (2D Matryoshka models)")
     parser.add_argument("--layer-norm", action="store_true", help="layer norm before truncation")
-    parser.add_argument("--quantization", action="store_true", help="float32 / int8 / binary table per dim")
+    parser.add_argument("--quantization", action="store_true",
+                        help="STS and retrieval at each dim × float32 / int8 / int4 / binary, with and without rescoring")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--mirror", default="configs/mirror.yaml" if os.path.exists("configs/mirror.yaml") else None)
     parser.add_argument("--no-plots", action="store_true")

@@ -34,11 +34,8 @@ from mrl.eval.evaluate import default_dims, plot
 from mrl.eval.mteb_local import load_tasks
 from mrl.eval.report import mteb_table, with_mteb_section
 from mrl.retrieval.exact import prefix
-from mrl.retrieval.quantize import int8_scales, quantize_binary, quantize_int8, unpack_signs
+from mrl.retrieval.quantize import PRECISIONS, stored as stored_prefix
 from mrl.sources import load_mirror, resolve_model
-
-PRECISIONS = ("float32", "int8", "binary")
-
 
 def prompt_name(prompts: dict, task_metadata, prompt_type) -> str | None:
     """The model's prompt for this task and side, in sentence-transformers' MTEB order: '<task>-<side>', '<task>',
@@ -51,18 +48,14 @@ def prompt_name(prompts: dict, task_metadata, prompt_type) -> str | None:
 
 def stored(full: Tensor, d: int, precision: str, is_query: bool) -> Tensor:
     """The first d dims as stored at `precision`, as float64 rows whose dot products are the search scores of
-    mrl.retrieval.quantize.quantized_search: float32, unit norm (dot = cosine); int8, codes × per-dim scales
+    mrl.retrieval.quantize.quantized_search: float32, unit norm (dot = cosine); int8 / int4, codes × per-dim scales
     calibrated on the texts embedded together (a corpus, one STS column), queries kept in float (asymmetric);
     binary, the signs as ±1 (dot = d − 2·Hamming), queries too."""
     if precision == "float32":
         return F.normalize(full[:, :d].double(), dim=-1)  # as mrl.eval.sts scores STS
-    x = prefix(full, d)  # (N, d) float32 unit norm, as quantized_search cuts it
-    if precision == "int8" and not is_query:
-        scales = int8_scales(x)
-        x = quantize_int8(x, scales).float() * scales
-    elif precision == "binary":
-        x = unpack_signs(quantize_binary(x), d)
-    return x.double()
+    if is_query and precision != "binary":
+        return prefix(full, d).double()  # (N, d) float32 unit norm, as quantized_search cuts it
+    return stored_prefix(full, d, precision).double()
 
 
 class FullWidth:

@@ -20,6 +20,18 @@ def markdown_table(results: dict[str, dict[int, float]], metric: str = "Spearman
     return "\n".join(lines)
 
 
+def retention(scores: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
+    """Each score as % of scores["float32"] at its largest dim: 100 · s(d, p) / s(D, float32)."""
+    reference = scores["float32"][max(scores["float32"])]
+    return {name: {d: 100 * s / reference for d, s in by_dim.items()} for name, by_dim in scores.items()}
+
+
+def retention_markdown(scores: dict[str, dict[int, float]]) -> str:
+    """retention as a Markdown table: a row per precision, a column per dim."""
+    full = max(scores["float32"])
+    return markdown_table(retention(scores), f"% of float32 at d={full}")
+
+
 def mteb_table(results: dict) -> str:
     """python -m mrl.mteb's results -> a Markdown table: a row per task, a column per dim × precision (the
     task's main score ×100), and the seconds the task took at all of them."""
