@@ -23,9 +23,10 @@ from transformers.utils import logging as hf_logging
 
 from mrl.cli import one_line_errors
 from mrl.eval.report import markdown_table, result_rows
-from mrl.eval.sts import evaluate_sts
+from mrl.eval.sts import evaluate_sts_stored
 from mrl.loss.matryoshka import LossParts
 from mrl.loss.objective import dataset_objectives
+from mrl.loss.quantisation import PRECISIONS
 from mrl.model.load import load_encoder
 from mrl.model.sharding import full_model, is_sharded
 from mrl.run.batches import describe, eval_tables, training_batches, training_tables
@@ -34,6 +35,7 @@ from mrl.run.folder import DimsLog, Progress, launch_command, prepare, resume, s
 from mrl.run.gradcache import cached_backward
 from mrl.run.monitor import StepMonitor
 from mrl.run.optimizer import linear_schedule, param_groups, reduce_grads
+from mrl.run.quantisation import RECORD, calibrate, quantisation_record
 from mrl.run.speed import compile_forward, describe as describe_speed, embed_by_length, length_groups_for
 from mrl.run.throughput import Throughput
 from mrl.sources import load_mirror
@@ -117,6 +119,10 @@ else:
         accelerator.backward(parts.total)
         return parts
 
+# -- quantisation-aware training: int8 / int4 ranges from the initial model (on resume: from the checkpoint)
+if not args.resume:
+    calibrate(objectives, accelerator.unwrap_model(model), cfg, tables)
+
 # -- resume: everything a step depends on is in the checkpoint (weights, optimiser, schedule, RNG, progress)
 progress = Progress()  # and each objective's learned dim weights, if any, and where its dim schedule stands:
 accelerator.register_for_checkpointing(progress,
@@ -127,18 +133,22 @@ if args.resume:
 
 
 eval_dims = cfg.eval.dims or cfg.loss.dims
+stored_as = PRECISIONS if objective.quantised else ()  # quantisation-aware: the final STS at each precision too
 
 
-def evaluate(split: str, step: int, n_layers: int | None = None) -> dict[int, float]:
-    """Per-dim Spearman on one eval table, on the main process (the other processes wait), logged as tracker
-    scalars eval/<split>/spearman[/layers<k>]/d<dim>."""
-    scores = {}
+def evaluate(split: str, step: int, n_layers: int | None = None, precisions=()) -> dict[str, dict[int, float]]:
+    """Per-dim Spearman on one eval table, float32 and stored at each of `precisions` (mrl.eval.sts), on the main
+    process (the other processes wait, with empty scores), logged as tracker scalars
+    eval/<split>/spearman[/layers<k>][/<precision>]/d<dim>."""
+    scores = {precision: {} for precision in ("float32", *precisions)}
     if accelerator.is_main_process or is_sharded(accelerator):  # a sharded model runs on every process
-        scores = evaluate_sts(accelerator.unwrap_model(model), evals[split], eval_dims, cfg.eval.batch_size,
-                              n_layers=n_layers, prompt=cfg.eval.prompt)
+        scores = evaluate_sts_stored(accelerator.unwrap_model(model), evals[split], eval_dims, list(scores),
+                                     cfg.eval.batch_size, n_layers=n_layers, prompt=cfg.eval.prompt)
     accelerator.wait_for_everyone()
-    tag = f"eval/{split}/spearman" + (f"/layers{n_layers}" if n_layers else "")
-    accelerator.log({f"{tag}/d{d}": s for d, s in scores.items()}, step=step)
+    for precision, by_dim in scores.items():
+        tag = f"eval/{split}/spearman" + (f"/layers{n_layers}" if n_layers else "") + (
+            f"/{precision}" if precision != "float32" else "")
+        accelerator.log({f"{tag}/d{d}": s for d, s in by_dim.items()}, step=step)
     return scores
 
 
@@ -147,7 +157,7 @@ if cfg.log.with_:
     accelerator.init_trackers("mrl", config=flat_dict(cfg))
 if not args.resume and cfg.eval.at_start and evals:  # the starting point, for the before/after table
     for split in evals:
-        results[split]["before training"] = evaluate(split, step=0)
+        results[split]["before training"] = evaluate(split, step=0)["float32"]
     accelerator.print(markdown_table(result_rows(results)))
 
 # -- the loop
@@ -201,7 +211,7 @@ while progress.step < total_steps and progress.epoch < cfg.train.epochs:
             bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
             accelerator.log(logs, step=progress.step)
         if eval_now and "dev" in evals:
-            scores = results["dev_during_training"][progress.step] = evaluate("dev", progress.step)
+            scores = results["dev_during_training"][progress.step] = evaluate("dev", progress.step)["float32"]
             bar.write(markdown_table({f"dev, step {progress.step}": scores}))
         if save_now:
             save_checkpoint(accelerator, cfg.output_dir, progress.step, cfg.to_dict(), model)
@@ -218,17 +228,19 @@ results["train"] = {"steps": progress.step - start_step, "processes": processes,
 # -- final evaluation and outputs; only the main process writes
 if cfg.train.save_every and progress.step % cfg.train.save_every:
     save_checkpoint(accelerator, cfg.output_dir, progress.step, cfg.to_dict(), model)  # for a longer --resume
-for split in evals:
-    results[split]["after training"] = evaluate(split, progress.step)
+for split in evals:  # "after training", and "after training, int8" etc. at each stored precision
+    for precision, scores in evaluate(split, progress.step, precisions=stored_as).items():
+        results[split]["after training" + (f", {precision}" if precision != "float32" else "")] = scores
     for n_layers in cfg.eval.layers or []:  # the embeddings of the first n layers (2D Matryoshka)
-        results[split][f"after training, {n_layers} layers"] = evaluate(split, progress.step, n_layers)
+        results[split][f"after training, {n_layers} layers"] = evaluate(split, progress.step, n_layers)["float32"]
 if cfg.loss.matryoshka:
     results["train"]["dim_weights"] = objective.matryoshka.current_weights()  # learned: where they ended
 trained = full_model(accelerator, model, rebuild=lambda: load_encoder(cfg.model, mirror))  # FSDP: gathered
 if accelerator.is_main_process:
     trained_dims = cfg.loss.dims if cfg.loss.matryoshka else None  # recorded in the saved model's config
+    record = {RECORD: quantisation_record(cfg, objective.quantised)} if objective.quantised else None
     write_outputs(cfg.output_dir, trained, cfg.to_dict(), results, launch_command(args.config, args.set),
-                  trained_dims)
+                  trained_dims, model_files=record)  # with the precisions the model was trained for
     speed = results["train"]["samples_per_second"]
     accelerator.print(f"\n{markdown_table(result_rows(results))}\n\n"
                       f"wrote {cfg.output_dir}/model, results.json, results.md ({speed} samples/s)")

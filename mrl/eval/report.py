@@ -8,6 +8,8 @@ sentence-transformers. Its YAML header is the hub's model-card metadata, so the 
 
 import os
 
+from mrl.loss.quantisation import PRECISIONS  # int8, int4, binary
+
 
 def markdown_table(results: dict[str, dict[int, float]], metric: str = "Spearman ×100") -> str:
     """{'name': {dim: score}} -> a Markdown table, one row per name, one column per dim (largest first)."""
@@ -89,6 +91,8 @@ def _objective(loss: dict, train: dict, results: dict, embedding_dim: int) -> st
     rule = loss["dim_weights"] if isinstance(loss["dim_weights"], str) else None
     weight_of = {int(d): w for d, w in results["train"]["dim_weights"].items()}  # as trained (learned: at the end)
     sampling, distill, two_d = loss["dim_sampling"], loss["distill"], loss["two_d"]
+    quantisation = loss.get("quantisation") or {}
+    stored = ", ".join(f"{p} (weight {quantisation[p]:g})" for p in PRECISIONS if quantisation.get(p))
     text = (f"`{loss['name']}` loss (scale {loss['scale']:g}) inside a Matryoshka loss over the dims "
             f"{', '.join(map(str, dims))} (" + (f"{rule} " if rule else "")
             + ("weights at the end" if rule == "learned" else "weights")
@@ -102,9 +106,28 @@ def _objective(loss: dict, train: dict, results: dict, embedding_dim: int) -> st
                            f"{two_d['kl_temperature']}"),
         (distill["weight"], f"prefix self-distillation toward the full embedding, weight {distill['weight']} at "
                             f"temperature {distill['temperature']}"),
+        (stored, f"quantisation-aware: every trained prefix also stored as {stored}, through a straight-through "
+                 "estimator (precisions, weights and ranges in quantisation.json)"),
+        (quantisation.get("regulariser"), f"{quantisation.get('regulariser')} regulariser, weight "
+                                          f"{quantisation.get('regulariser_weight')}"),
         (results["train"].get("cross_device"), "negatives from every process"),
         (train["cache_chunk_size"], f"GradCache in chunks of {train['cache_chunk_size']} texts")) if on]
     return "; ".join([text, *extras])
+
+
+def _retention_section(results: dict) -> list[str]:
+    """The card's quantisation section: STS at each dim × precision as % of float32 at the full dim (test, else
+    dev), when the run scored the stored precisions ("after training, <precision>"); else nothing."""
+    for split in ("test", "dev"):
+        rows = results.get(split, {})
+        stored = {p: rows[f"after training, {p}"] for p in PRECISIONS if rows.get(f"after training, {p}")}
+        if stored and rows.get("after training"):
+            table = {"float32": rows["after training"], **stored}
+            return ["## Quantisation", "",
+                    f"STS Spearman ({split}) of the truncated embeddings stored at each precision (int8 / int4: codes "
+                    "with per-dim scales calibrated on the evaluation sentences; binary: signs, the scaled cosine), "
+                    f"as % of float32 at d={max(table['float32'])}:", "", retention_markdown(table), ""]
+    return []
 
 
 def model_card(config: dict, results: dict, command: str, embedding_dim: int) -> str:
@@ -134,6 +157,7 @@ def model_card(config: dict, results: dict, command: str, embedding_dim: int) ->
         "## Results", "",
         f"STS Spearman ×100 of the cosine of truncated, re-normalised embeddings, at each dim ({eval_data}):", "",
         markdown_table(rows) if rows else "(this run evaluated nothing)", "",
+        *_retention_section(results),
         "## Reproduce", "",
         "```bash", command, "```", "",
         "## Use", "",

@@ -8,4 +8,5 @@
     monitor.py      each step's losses and gradient norm, checked finite
     throughput.py   samples and tokens per second
     folder.py       the run folder: checkpoints, resume, the saved model, results and card
+    quantisation.py quantisation-aware training: the int8 / int4 ranges calibrated before it, the saved record
 """

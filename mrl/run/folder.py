@@ -171,15 +171,19 @@ class DimsLog:
 
 
 def write_outputs(output_dir: str, model, config: dict, results: dict, command: str,
-                  matryoshka_dims: list[int] | None) -> None:
+                  matryoshka_dims: list[int] | None, model_files: dict[str, dict] | None = None) -> None:
     """The trained model (sentence-transformers layout) with its model card, config.yaml, results.md and
     results.json, all together: written into a temporary folder; then a previous run's outputs are removed
     (its results.json first) and the new ones moved into place (results.json last). A kill leaves old outputs
-    whole, or new ones without results.json (an unfinished run): never new weights beside old results."""
+    whole, or new ones without results.json (an unfinished run): never new weights beside old results.
+    model_files: {name: content}, JSON files written into the model folder beside the model."""
     check_finite_parameters(model, "the end of training")
     staging = os.path.join(output_dir, "outputs" + INCOMPLETE)
     shutil.rmtree(staging, ignore_errors=True)
     model.save(os.path.join(staging, "model"), matryoshka_dims=matryoshka_dims)
+    for name, content in (model_files or {}).items():  # e.g. quantisation.json (mrl.run.quantisation)
+        with open(os.path.join(staging, "model", name), "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2)
     with open(os.path.join(staging, "model", "README.md"), "w", encoding="utf-8") as f:
         f.write(model_card(config, results, command, model.embedding_dim))
     _write_yaml(os.path.join(staging, "config.yaml"), config)
