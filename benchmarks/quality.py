@@ -38,10 +38,12 @@ VARIANTS = {
 }
 
 
-def run_one(args, variant: str, seed: int) -> dict:
+def run_one(args, variant: str, seed: int, variants: dict = VARIANTS) -> dict:
+    """train.py with args.config, args.set and the variant's overrides (of `variants`) at `seed`, in
+    <args.out>/runs/<variant>-seed<seed>; its results.json (a finished run of the same config is reused)."""
     out_dir = os.path.join(args.out, "runs", f"{variant}-seed{seed}")
     results_path = os.path.join(out_dir, "results.json")
-    overrides = [*args.set, *VARIANTS[variant], f"train.seed={seed}", f"output_dir={out_dir}", "eval.at_start=false"]
+    overrides = [*args.set, *variants[variant], f"train.seed={seed}", f"output_dir={out_dir}", "eval.at_start=false"]
     if os.path.exists(results_path):  # reuse a finished run, but only one of this very config
         with open(results_path) as f:
             if json.load(f)["config"] != load_config(os.path.join(ROOT, args.config), overrides).to_dict():
