@@ -32,7 +32,20 @@ def load(model_dir):
     return Encoder.from_pretrained(model_dir).double().eval()  # dropout off: both sides see the same function
 
 
-def worker(rank, model_dir, init_file, out_dir, symmetric, chunk_size):
+def gathered_matryoshka(symmetric):
+    """embeddings -> LossParts: the Matryoshka loss of this process's anchors against every process's candidates."""
+    loss_fn = matryoshka(symmetric)
+
+    def gathered_loss(embeddings):
+        all_columns, own_rows = gather_columns(embeddings)
+        return loss_fn(all_columns, dims=loss_fn.dims, rows=own_rows)
+    return gathered_loss
+
+
+def worker(rank, model_dir, init_file, out_dir, chunk_size, make_loss, *loss_args):
+    """One of WORLD processes: its share of the batch (rows of every column), the loss make_loss(*loss_args) (made
+    here: spawn pickles functions by name), the step plain or through GradCache; writes the global loss (the mean
+    of the processes' losses) and its gradients to rank<r>.pt."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         model = load(model_dir)
@@ -41,17 +54,12 @@ def worker(rank, model_dir, init_file, out_dir, symmetric, chunk_size):
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
         texts = [t for column in (ANCHORS, POSITIVES, NEGATIVES) for t in column[rows]]  # column-major
         features = dict(model.tokenize(texts))
-        loss_fn = matryoshka(symmetric)
-
-        def gathered_loss(embeddings):
-            all_columns, own_rows = gather_columns(embeddings)
-            return loss_fn(all_columns, dims=loss_fn.dims, rows=own_rows)
-
+        loss_fn = make_loss(*loss_args)
         if chunk_size:
-            loss = cached_backward(ddp, features, 3, gathered_loss, chunk_size, backward=lambda l: l.backward(),
+            loss = cached_backward(ddp, features, 3, loss_fn, chunk_size, backward=lambda l: l.backward(),
                                    no_sync=ddp.no_sync).total
         else:
-            loss = gathered_loss(list(ddp(features).chunk(3))).total
+            loss = loss_fn(list(ddp(features).chunk(3))).total
             loss.backward()
         total = loss.detach().clone()
         dist.all_reduce(total)  # the mean over processes of the local losses is the global loss
@@ -59,6 +67,16 @@ def worker(rank, model_dir, init_file, out_dir, symmetric, chunk_size):
         torch.save({"loss": total / WORLD, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def assert_equal_to_one_process(out_dir, loss, grads):
+    """Every process's saved global loss and gradients equal the one-process `loss` and `grads` (float64)."""
+    for rank in range(WORLD):
+        result = torch.load(os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.testing.assert_close(result["loss"], loss, rtol=1e-10, atol=1e-12)
+        assert result["grads"].keys() == grads.keys() and len(grads) > 10
+        for name, grad in grads.items():
+            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
 def single_process(model_dir, symmetric):
@@ -72,15 +90,9 @@ def single_process(model_dir, symmetric):
 
 @pytest.mark.parametrize("symmetric, chunk_size", [(False, None), (True, None), (False, 3)])
 def test_two_processes_equal_one_process(tmp_path, tiny_model_dir, symmetric, chunk_size):
-    mp.spawn(worker, args=(str(tiny_model_dir), str(tmp_path / "init"), str(tmp_path), symmetric, chunk_size),
-             nprocs=WORLD, join=True)
-    loss, grads = single_process(str(tiny_model_dir), symmetric)
-    for rank in range(WORLD):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
-        torch.testing.assert_close(result["loss"], loss, rtol=1e-10, atol=1e-12)
-        assert result["grads"].keys() == grads.keys() and len(grads) > 10
-        for name, grad in grads.items():
-            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-9, atol=1e-12, msg=name)
+    mp.spawn(worker, args=(str(tiny_model_dir), str(tmp_path / "init"), str(tmp_path), chunk_size,
+                           gathered_matryoshka, symmetric), nprocs=WORLD, join=True)
+    assert_equal_to_one_process(tmp_path, *single_process(str(tiny_model_dir), symmetric))
 
 
 def gather_worker(rank, init_file, out_dir):
