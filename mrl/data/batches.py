@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mrl.data.sampler import BatchSampler
-from mrl.data.tables import IDS, LABEL, TEACHER
+from mrl.data.sampler import BatchSampler, text_keys
+from mrl.data.tables import IDS, KEY, LABEL, TEACHER, map_workers
 
 
 class Collator:
@@ -33,13 +33,21 @@ class Collator:
     def texts(self, column: str, texts: list[str]) -> list[str]:
         return [self.prompts.get(column, "") + t for t in texts]
 
-    def pretokenize(self, table: datasets.Dataset) -> datasets.Dataset:
-        """The table plus the token ids of every text column (`<column>.ids`), by datasets.map (cached on disk
-        for a file-backed table, so later runs read them)."""
+    def pretokenize(self, table: datasets.Dataset, num_proc: int | None = 1, keys: bool = False) -> datasets.Dataset:
+        """The table plus the token ids of every text column (`<column>.ids`, int32) and, with keys, a 64-bit hash
+        of each text (`<column>.key`, for no-duplicates batches: mrl.data.sampler), by datasets.map in
+        map_workers(num_proc) processes (the same ids as one process: each tokenises a contiguous part), cached on
+        disk for a file-backed table, so later runs read them."""
         def encode(rows: dict) -> dict:
-            return {c + IDS: self.tokenizer(self.texts(c, rows[c]), truncation=True, max_length=self.max_length)[
-                "input_ids"] for c in self.columns}
-        return table.map(encode, batched=True, desc="tokenise")
+            ids = {c + IDS: self.tokenizer(self.texts(c, rows[c]), truncation=True, max_length=self.max_length,
+                                           return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+                   for c in self.columns}
+            return {**ids, **({c + KEY: text_keys([[t] for t in rows[c]])[:, 0] for c in self.columns} if keys else {})}
+        features = table.features.copy()  # the ids stored as int32 (half of int64's disk and page cache)
+        features.update({c + IDS: datasets.List(datasets.Value("int32")) for c in self.columns})
+        features.update({c + KEY: datasets.Value("uint64") for c in self.columns} if keys else {})
+        return table.map(encode, batched=True, features=features, num_proc=map_workers(num_proc, len(table)),
+                         desc="tokenise")
 
     def __call__(self, rows: list[dict]) -> dict[str, Tensor]:
         if self.columns[0] + IDS in rows[0]:

@@ -2,9 +2,12 @@
 its batch sampler and collator, combined into one mixture (mrl.data.mixture; one dataset is a mixture of one).
 """
 
-from mrl.data.batches import BatchSampler, Collator, degenerate_data
+import numpy as np
+
+from mrl.data.batches import Collator, degenerate_data
 from mrl.data.mixture import MixtureBatchSampler, MixtureCollator, MixtureTable
-from mrl.data.tables import LABEL, TEACHER, load_table, text_columns
+from mrl.data.sampler import BatchSampler
+from mrl.data.tables import KEY, LABEL, TEACHER, load_table, text_columns
 from mrl.model.load import load_encoder
 from mrl.run.config import (ModelConfig, check_train_columns, dataset_field, dataset_loss, dataset_losses, named_specs,
                             uses_no_duplicates)
@@ -12,9 +15,9 @@ from mrl.run.config import (ModelConfig, check_train_columns, dataset_field, dat
 
 def training_tables(cfg, mirror: dict) -> dict:
     """{name: table} of data.train (one dataset: {"train": table}), each loaded and checked (mrl.data.load_table);
-    a CoSENT dataset needs its label column."""
+    a CoSENT dataset needs its label column. Their texts are checked in data.num_proc processes."""
     specs = named_specs(cfg.data.train)
-    return {name: load_table(spec, dataset_field(name, specs), loss == "cosent", mirror)
+    return {name: load_table(spec, dataset_field(name, specs), loss == "cosent", mirror, cfg.data.num_proc)
             for (name, spec), loss in zip(specs.items(), dataset_losses(cfg))}
 
 
@@ -33,9 +36,10 @@ def describe(table) -> str:
 def training_batches(cfg, tables: dict, model, processes: int, mirror: dict | None = None, device=None):
     """(table, batch sampler, collator, warnings) for the training tables, each checked against its loss and
     prompts (mrl.run.config.check_train_columns): each dataset its own no-duplicates batches (on for a contrastive
-    loss unless data.no_duplicates says), prompts and collator, its token ids computed once up front (cached),
-    and with a teacher model (loss.teacher.model) its embedding of every text; the warnings of any dataset that
-    trains little (mrl.data.degenerate_data) or leaves rows out of every epoch."""
+    loss unless data.no_duplicates says), prompts and collator, its token ids (and, for no-duplicates batches,
+    its texts' hashes) computed once up front in data.num_proc processes (cached), and with a teacher model
+    (loss.teacher.model) its embedding of every text; the warnings of any dataset that trains little
+    (mrl.data.degenerate_data) or leaves rows out of every epoch. Each sampler's first plan is made here, once."""
     specs, samplers, collators, warnings, tokenised = named_specs(cfg.data.train), [], [], [], []
     teacher = None
     if cfg.loss.teacher.model not in (None, "data"):  # loaded as it was saved (its own pooling, prompts, ...)
@@ -44,18 +48,14 @@ def training_batches(cfg, tables: dict, model, processes: int, mirror: dict | No
         spec, columns = specs[name], text_columns(table)
         check_train_columns(cfg, name, columns)  # its columns suit its loss and its prompts
         loss = dataset_loss(spec, cfg.loss.name)
-        samplers.append(BatchSampler(list(zip(*(table[c] for c in columns))), cfg.train.batch_size,
-                                     uses_no_duplicates(cfg, loss),
-                                     cfg.train.drop_last, cfg.train.seed, processes=processes))
+        no_duplicates = uses_no_duplicates(cfg, loss)
         collators.append(Collator(columns, model.tokenizer, model.max_seq_length, cfg.speed.pad_to_multiple_of,
                                   *model.column_prompts(spec.get("prompts", cfg.data.prompts))))
-        warnings += [f"{name}: {w}" if len(tables) > 1 else w
-                     for w in degenerate_data(table, loss, samplers[-1])]
         if cfg.loss.teacher.model is None:  # teacher embeddings in the data, but no teacher asked for: not used
             table = table.remove_columns([c + TEACHER for c in columns if c + TEACHER in table.column_names])
         if teacher is not None:  # its embeddings, computed once here: `<column>.teacher` (mrl.data.Collator)
             for c in columns:
-                embeddings = teacher.encode(list(table[c]), normalize=False)
+                embeddings = teacher.encode(table.with_format("arrow")[:][c].to_pylist(), normalize=False)
                 table = table.add_column(c + TEACHER, embeddings.tolist())
         if cfg.loss.teacher.model is not None and not all(c + TEACHER in table.column_names for c in columns):
             if len(tables) == 1:
@@ -63,7 +63,12 @@ def training_batches(cfg, tables: dict, model, processes: int, mirror: dict | No
                                  f"(columns <column>.teacher, or a loss.teacher.model to compute them)")
             warnings.append(f"loss.teacher: {name} has no teacher embeddings (<column>.teacher) for {columns}: its "
                             "batches are not distilled")
-        tokenised.append(collators[-1].pretokenize(table))
+        tokenised.append(collators[-1].pretokenize(table, cfg.data.num_proc, keys=no_duplicates))
+        samplers.append(BatchSampler(text_keys_of(tokenised[-1], columns) if no_duplicates else len(table),
+                                     cfg.train.batch_size, no_duplicates, cfg.train.drop_last, cfg.train.seed,
+                                     processes=processes))
+        warnings += [f"{name}: {w}" if len(tables) > 1 else w
+                     for w in degenerate_data(table, loss, samplers[-1])]
     sampler = MixtureBatchSampler(samplers, [float(specs[name].get("weight", 1.0)) for name in tables],
                                   cfg.data.mixture, cfg.train.seed, processes)
     for d, name in enumerate(tables):
@@ -71,3 +76,11 @@ def training_batches(cfg, tables: dict, model, processes: int, mirror: dict | No
             warnings.append(f"{dataset_field(name, tables)}: the last {n} row(s) of an epoch's shuffle are fewer "
                             f"than the {processes} processes and are left out of that epoch")
     return MixtureTable(tokenised), sampler, MixtureCollator(collators, list(tables)), warnings
+
+
+def text_keys_of(table, columns: list[str]) -> np.ndarray:
+    """(N, k) uint64: the `<column>.key` hashes that Collator.pretokenize wrote, read column by column."""
+    keys, data = np.empty((len(table), len(columns)), dtype=np.uint64), table.with_format("arrow")[:]
+    for j, c in enumerate(columns):
+        keys[:, j] = data[c + KEY].to_numpy()
+    return keys

@@ -110,7 +110,11 @@ class DataConfig:
     # a prompt per text column: a name of the model's prompts (model.prompts) or the text itself,
     # e.g. {anchor: query, positive: document, negative: document}
     prompts: dict | None = option(None, names_to_texts)
-    num_workers: int = 0  # DataLoader workers (tokenisation happens in the collate function)
+    num_workers: int = 0  # DataLoader workers (they pad the token ids into batches, in the collate function)
+    # processes that check and tokenise each training table up front (datasets.map, cached: a later run reads
+    # the cache), on the first process of each node while the others wait; None: the machine's cores; 1: in this
+    # process. At least 20k rows a process (mrl.data.tables.map_workers); the tokens are the same for any number
+    num_proc: int | None = option(None, at_least(1))
 
 
 @dataclass
