@@ -4,6 +4,7 @@
     sampler.py   BatchSampler: an epoch's batches (no duplicate texts in one) planned once, as arrays
     batches.py   Collator (tokenise once, in parallel; pad per batch), chunks, degenerate data
     mixture.py   several datasets in one run, each batch from one of them
+    stream.py    a training table read as it trains (data.streaming), batched as the map-style path batches it
     mine.py      hard negatives mined with a model's embeddings (python -m mrl.data.mine)
 """
 

@@ -39,7 +39,7 @@ def load_table(spec: dict, field: str, needs_label: bool = False, mirror: dict |
     if len(table) == 0:
         raise ValueError(f"{field}: the dataset {spec.get('path')!r} split {spec['split']!r} has no rows")
     columns, label = pick_columns(spec, field, table.features, needs_label)
-    where = f"{field} ({_files(spec)})"
+    where = f"{field} ({source_files(spec)})"
     check_texts(table, columns, where, num_proc)
 
     teacher = [c + TEACHER for c in columns if c + TEACHER in table.column_names]  # stored teacher embeddings
@@ -143,7 +143,7 @@ def score(value, scale: float, where: str) -> float:
     return score / scale
 
 
-def _files(spec: dict) -> str:
+def source_files(spec: dict) -> str:
     """Where a spec's rows come from, for error messages: its data files, else its path."""
     files = spec.get("data_files")
     if isinstance(files, dict):

@@ -7,6 +7,7 @@ import numpy as np
 from mrl.data.batches import Collator, degenerate_data
 from mrl.data.mixture import MixtureBatchSampler, MixtureCollator, MixtureTable
 from mrl.data.sampler import BatchSampler
+from mrl.data.stream import Stream, StreamBatchSampler, StreamRows
 from mrl.data.tables import KEY, LABEL, TEACHER, load_table, text_columns
 from mrl.model.load import load_encoder
 from mrl.run.config import (ModelConfig, check_train_columns, dataset_field, dataset_loss, dataset_losses, named_specs,
@@ -15,8 +16,12 @@ from mrl.run.config import (ModelConfig, check_train_columns, dataset_field, dat
 
 def training_tables(cfg, mirror: dict) -> dict:
     """{name: table} of data.train (one dataset: {"train": table}), each loaded and checked (mrl.data.load_table);
-    a CoSENT dataset needs its label column. Their texts are checked in data.num_proc processes."""
+    a CoSENT dataset needs its label column. Their texts are checked in data.num_proc processes. With
+    data.streaming, {"train": mrl.data.stream.Stream}, checked as it is read."""
     specs = named_specs(cfg.data.train)
+    if cfg.data.streaming:  # read as it trains (mrl/data/stream.py); one dataset
+        return {name: Stream(spec, "data.train", loss == "cosent", mirror)
+                for (name, spec), loss in zip(specs.items(), dataset_losses(cfg))}
     return {name: load_table(spec, dataset_field(name, specs), loss == "cosent", mirror, cfg.data.num_proc)
             for (name, spec), loss in zip(specs.items(), dataset_losses(cfg))}
 
@@ -29,8 +34,8 @@ def eval_tables(cfg, mirror: dict) -> dict:
 
 def describe(table) -> str:
     """'5749 rows, text columns [...], label in [0, 1]': what start-up prints of each table."""
-    return (f"{len(table)} rows, text columns {text_columns(table)}"
-            + (", label in [0, 1]" if LABEL in table.column_names else ""))
+    rows = "streamed" if isinstance(table, Stream) else f"{len(table)} rows"
+    return f"{rows}, text columns {text_columns(table)}" + (", label in [0, 1]" if LABEL in table.column_names else "")
 
 
 def training_batches(cfg, tables: dict, model, processes: int, mirror: dict | None = None, device=None):
@@ -40,6 +45,8 @@ def training_batches(cfg, tables: dict, model, processes: int, mirror: dict | No
     its texts' hashes) computed once up front in data.num_proc processes (cached), and with a teacher model
     (loss.teacher.model) its embedding of every text; the warnings of any dataset that trains little
     (mrl.data.degenerate_data) or leaves rows out of every epoch. Each sampler's first plan is made here, once."""
+    if cfg.data.streaming:
+        return stream_batches(cfg, tables, model, processes)
     specs, samplers, collators, warnings, tokenised = named_specs(cfg.data.train), [], [], [], []
     teacher = None
     if cfg.loss.teacher.model not in (None, "data"):  # loaded as it was saved (its own pooling, prompts, ...)
@@ -76,6 +83,21 @@ def training_batches(cfg, tables: dict, model, processes: int, mirror: dict | No
             warnings.append(f"{dataset_field(name, tables)}: the last {n} row(s) of an epoch's shuffle are fewer "
                             f"than the {processes} processes and are left out of that epoch")
     return MixtureTable(tokenised), sampler, MixtureCollator(collators, list(tables)), warnings
+
+
+def stream_batches(cfg, tables: dict, model, processes: int):
+    """training_batches of one streamed table (data.streaming): rows read in windows of data.shuffle_buffer and
+    batched as the map-style path batches them (mrl/data/stream.py), tokenised in the collator; no warnings."""
+    (name, stream), = tables.items()
+    spec, columns = named_specs(cfg.data.train)[name], text_columns(stream)
+    check_train_columns(cfg, name, columns)
+    collator = Collator(columns, model.tokenizer, model.max_seq_length, cfg.speed.pad_to_multiple_of,
+                        *model.column_prompts(spec.get("prompts", cfg.data.prompts)))
+    no_duplicates = uses_no_duplicates(cfg, dataset_loss(spec, cfg.loss.name))
+    sampler = StreamBatchSampler(stream, cfg.train.batch_size, no_duplicates, cfg.train.drop_last, cfg.train.seed,
+                                 processes, cfg.data.shuffle_buffer,
+                                 length=cfg.train.max_steps * processes * cfg.train.grad_accum)
+    return StreamRows(), sampler, MixtureCollator([collator], [name]), []
 
 
 def text_keys_of(table, columns: list[str]) -> np.ndarray:
