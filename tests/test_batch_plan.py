@@ -6,11 +6,13 @@ rules on many small tables. Checks, length and left-out rows are read from the o
 import hashlib
 import json
 import random
+from collections import Counter
 
 import pytest
 
-from mrl.data import BatchSampler, load_table, text_columns
+from mrl.data import BatchSampler, load_table, text_columns, text_keys
 from mrl.data.mixture import MixtureBatchSampler
+from mrl.data.sampler import shared_texts
 from mrl.sources import load_mirror
 
 from conftest import SHARED
@@ -112,3 +114,16 @@ def test_the_plan_is_made_once_per_epoch_and_holds_no_list_per_row(monkeypatch):
     assert len(made) == 1
     order, lengths = sampler.plan()
     assert order.dtype.kind == "i" and sorted(order.tolist()) == list(range(1000)) and lengths.sum() == 1000
+
+
+def test_repeated_texts_are_found_across_chunks_and_columns():
+    rng = random.Random(0)
+    rows = [(f"a {rng.randrange(300)}", f"p {i}", f"a {rng.randrange(3000)}") for i in range(1000)]
+    keys = text_keys(rows)
+    one = shared_texts([[keys[:, j]] for j in range(3)])
+    cuts = [0, 1, 7, 400, 401, 1000]
+    chunked = shared_texts([[keys[a:b, j] for a, b in zip(cuts, cuts[1:])] for j in range(3)])
+    assert (one[0] == chunked[0]).all() and (one[1] == chunked[1]).all()
+    repeated = {t for t, n in Counter(t for row in rows for t in row).items() if n > 1}
+    assert [bool(set(row) & repeated) for row in rows] == one[1].tolist()
+    assert shared_texts([[keys[:, 1]]]) == (None, None)  # the positives are all distinct

@@ -37,17 +37,18 @@ class Collator:
         """The table plus the token ids of every text column (`<column>.ids`, int32) and, with keys, a 64-bit hash
         of each text (`<column>.key`, for no-duplicates batches: mrl.data.sampler), by datasets.map in
         map_workers(num_proc) processes (the same ids as one process: each tokenises a contiguous part), cached on
-        disk for a file-backed table, so later runs read them."""
+        disk for a file-backed table, so later runs read them. Only the new columns are written; the table's own
+        stay where they are, beside them (concatenated by column, both memory-mapped)."""
         def encode(rows: dict) -> dict:
             ids = {c + IDS: self.tokenizer(self.texts(c, rows[c]), truncation=True, max_length=self.max_length,
                                            return_attention_mask=False, return_token_type_ids=False)["input_ids"]
                    for c in self.columns}
             return {**ids, **({c + KEY: text_keys([[t] for t in rows[c]])[:, 0] for c in self.columns} if keys else {})}
-        features = table.features.copy()  # the ids stored as int32 (half of int64's disk and page cache)
-        features.update({c + IDS: datasets.List(datasets.Value("int32")) for c in self.columns})
-        features.update({c + KEY: datasets.Value("uint64") for c in self.columns} if keys else {})
-        return table.map(encode, batched=True, features=features, num_proc=map_workers(num_proc, len(table)),
-                         desc="tokenise")
+        features = datasets.Features({c + IDS: datasets.List(datasets.Value("int32")) for c in self.columns})  # int32:
+        features.update({c + KEY: datasets.Value("uint64") for c in self.columns} if keys else {})  # half the disk
+        new = table.map(encode, batched=True, features=features, remove_columns=table.column_names,
+                        num_proc=map_workers(num_proc, len(table)), desc="tokenise")
+        return datasets.concatenate_datasets([table, new], axis=1)
 
     def __call__(self, rows: list[dict]) -> dict[str, Tensor]:
         if self.columns[0] + IDS in rows[0]:

@@ -37,16 +37,17 @@ class BatchSampler:
     processes=P: the P consecutive batches that Accelerate deals to P processes for one step are cut from one
     duplicate-free batch of P·batch_size rows, so cross-device negatives hold no false negative either.
 
-    rows: the rows' texts (N tuples), or their `text_keys` (an (N, k) array), or, without no_duplicates, N.
+    rows: the rows' texts (N tuples), or N with `shared` (from shared_texts; without no_duplicates, N alone).
     """
 
     def __init__(self, rows, batch_size: int, no_duplicates: bool = False, drop_last: bool = False,
-                 seed: int = 0, processes: int = 1):
+                 seed: int = 0, processes: int = 1, shared: tuple | None = None):
         self.batch_size, self.no_duplicates, self.drop_last = batch_size, no_duplicates, drop_last
         self.seed, self.epoch, self.processes = seed, 0, processes
         self.n_rows = rows if isinstance(rows, int) else len(rows)
-        self.shared = shared_texts(rows if isinstance(rows, np.ndarray) else text_keys(rows)) \
-            if no_duplicates else None
+        if no_duplicates and shared is None:
+            shared = shared_texts([[keys] for keys in text_keys(rows).T]) if self.n_rows else (None, None)
+        self.shared = shared if no_duplicates else None
         self._plan = (None, None)
 
     def set_epoch(self, epoch: int) -> None:
@@ -156,15 +157,25 @@ class BatchSampler:
         return int(np.where(lengths >= self.processes, self.processes, 1).sum())
 
 
-def shared_texts(keys: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(ids, has_shared) of the texts that occur more than once in the table (keys: (N, k) text hashes): ids
-    (N, k) int32, a number for each such text and -1 for the others; has_shared (N,) bool. (None, None) if
-    every text occurs once. A text repeated within its own row counts too (harmless: no other row holds it)."""
-    flat = np.sort(keys, axis=None)
-    repeated = np.unique(flat[1:][flat[1:] == flat[:-1]])
-    del flat
+def shared_texts(columns: list[list[np.ndarray]], buckets: int = 16) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(ids, has_shared) of the texts that occur more than once in the table: ids (N, k) int32, a number for each
+    such text and -1 for the others; has_shared (N,) bool; (None, None) if every text occurs once. columns: each
+    text column's hashes (`text_keys`), as chunks in row order (views of the memory-mapped table: nothing copied).
+    Repeats are found a sixteenth of the hashes at a time (by their top 4 bits), so the memory this takes is a
+    sixteenth of the hashes. A text repeated within its own row counts too (harmless: no other row holds it)."""
+    repeated = []
+    for bucket in range(buckets):
+        part = np.sort(np.concatenate([chunk[chunk >> np.uint64(60) == bucket] for column in columns
+                                       for chunk in column]))
+        repeated.append(np.unique(part[1:][part[1:] == part[:-1]]))
+    repeated = np.concatenate(repeated)  # sorted: the buckets are in order
     if not len(repeated):
         return None, None
-    where = np.searchsorted(repeated, keys).clip(max=len(repeated) - 1)
-    ids = np.where(repeated[where] == keys, where, -1).astype(np.int32)
+    ids = np.empty((sum(map(len, columns[0])), len(columns)), dtype=np.int32)
+    for j, column in enumerate(columns):
+        start = 0
+        for chunk in column:
+            where = np.searchsorted(repeated, chunk).clip(max=len(repeated) - 1)
+            ids[start:start + len(chunk), j] = np.where(repeated[where] == chunk, where, -1)
+            start += len(chunk)
     return ids, (ids >= 0).any(axis=1)

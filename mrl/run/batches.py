@@ -2,11 +2,9 @@
 its batch sampler and collator, combined into one mixture (mrl.data.mixture; one dataset is a mixture of one).
 """
 
-import numpy as np
-
 from mrl.data.batches import Collator, degenerate_data
 from mrl.data.mixture import MixtureBatchSampler, MixtureCollator, MixtureTable
-from mrl.data.sampler import BatchSampler
+from mrl.data.sampler import BatchSampler, shared_texts
 from mrl.data.stream import Stream, StreamBatchSampler, StreamRows
 from mrl.data.tables import KEY, LABEL, TEACHER, load_table, text_columns
 from mrl.model.load import load_encoder
@@ -71,9 +69,9 @@ def training_batches(cfg, tables: dict, model, processes: int, mirror: dict | No
             warnings.append(f"loss.teacher: {name} has no teacher embeddings (<column>.teacher) for {columns}: its "
                             "batches are not distilled")
         tokenised.append(collators[-1].pretokenize(table, cfg.data.num_proc, keys=no_duplicates))
-        samplers.append(BatchSampler(text_keys_of(tokenised[-1], columns) if no_duplicates else len(table),
-                                     cfg.train.batch_size, no_duplicates, cfg.train.drop_last, cfg.train.seed,
-                                     processes=processes))
+        shared = shared_texts(key_chunks(tokenised[-1], columns)) if no_duplicates else None
+        samplers.append(BatchSampler(len(table), cfg.train.batch_size, no_duplicates, cfg.train.drop_last,
+                                     cfg.train.seed, processes, shared))
         warnings += [f"{name}: {w}" if len(tables) > 1 else w
                      for w in degenerate_data(table, loss, samplers[-1])]
     sampler = MixtureBatchSampler(samplers, [float(specs[name].get("weight", 1.0)) for name in tables],
@@ -100,9 +98,8 @@ def stream_batches(cfg, tables: dict, model, processes: int):
     return StreamRows(), sampler, MixtureCollator([collator], [name]), []
 
 
-def text_keys_of(table, columns: list[str]) -> np.ndarray:
-    """(N, k) uint64: the `<column>.key` hashes that Collator.pretokenize wrote, read column by column."""
-    keys, data = np.empty((len(table), len(columns)), dtype=np.uint64), table.with_format("arrow")[:]
-    for j, c in enumerate(columns):
-        keys[:, j] = data[c + KEY].to_numpy()
-    return keys
+def key_chunks(table, columns: list[str]) -> list[list]:
+    """The `<column>.key` hashes that Collator.pretokenize wrote, per column, as numpy views of the memory-mapped
+    table's chunks (nothing copied)."""
+    data = table.with_format("arrow")[:]
+    return [[chunk.to_numpy() for chunk in data[c + KEY].chunks] for c in columns]
