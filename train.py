@@ -71,11 +71,12 @@ accelerator.print(f"model: {model.name_or_path} ({model.embedding_dim} dims, "
                   f"max_seq_length {model.max_seq_length})")
 
 # -- data: every table loaded and checked before the first step; one dataset, or a mixture (mrl/data/)
-with accelerator.main_process_first():  # the first process fills the datasets cache, the others read it
+# the first process of each node fills its datasets cache (data.num_proc processes), the others then read it
+with accelerator.local_main_process_first():
     tables, evals = training_tables(cfg, mirror), eval_tables(cfg, mirror)
 for split, table in {**tables, **evals}.items():
     accelerator.print(f"{split}: {describe(table)}")
-with accelerator.main_process_first():  # token ids once, up front (cached): no tokenizer in the steps
+with accelerator.local_main_process_first():  # token ids once, up front (cached): no tokenizer in the steps
     train_table, sampler, collate, warnings = training_batches(cfg, tables, model, processes, mirror, device)
 for warning in config_warnings(cfg) + warnings:
     accelerator.print(f"warning: {warning}")

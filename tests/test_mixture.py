@@ -31,7 +31,7 @@ def test_every_step_comes_from_one_dataset_in_proportion_to_the_weights(processe
     batches = list(mixture)
     sources = [which(b, mixture.offsets) for b in batches]
     assert all(len(set(which(b, mixture.offsets) for b in batch_group)) == 1 and
-               all(set(b) <= set(range(mixture.offsets[d], mixture.offsets[d] + len(samplers[d].rows)))
+               all(set(b) <= set(range(mixture.offsets[d], mixture.offsets[d] + samplers[d].n_rows))
                    for b, d in zip(batch_group, [sources[i]] * processes))
                for i, batch_group in ((i, batches[i:i + processes]) for i in range(0, len(batches), processes)))
     steps = Counter(sources[::processes])

@@ -1,98 +1,15 @@
-"""Batches of a training table: shuffled without duplicate texts (BatchSampler), tokenised once and padded
-per batch (Collator), and cut into chunks (GradCache) or padded to fixed shapes (torch.compile).
+"""Batches of a training table, tokenised once and padded per batch (Collator), and cut into chunks
+(GradCache) or padded to fixed shapes (torch.compile); their rows come from mrl.data.sampler.
 """
 
-import random
-from collections import deque
-
 import datasets
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mrl.data.tables import IDS, LABEL, TEACHER
-
-class BatchSampler:
-    """Shuffled batches of row indices, reshuffled every epoch from (seed, epoch) so a resumed run sees the same
-    batches. With no_duplicates, a text never appears twice in one batch: a repeated text would be an in-batch
-    negative of itself (a false negative). Rows that would repeat a text wait for a later batch, in order.
-
-    processes=P: the P consecutive batches that Accelerate deals to P processes for one step are cut from one
-    duplicate-free batch of P·batch_size rows, so cross-device negatives hold no false negative either.
-    """
-
-    def __init__(self, rows: list[tuple[str, ...]], batch_size: int, no_duplicates: bool = False,
-                 drop_last: bool = False, seed: int = 0, processes: int = 1):
-        self.rows, self.batch_size, self.no_duplicates = rows, batch_size, no_duplicates
-        self.drop_last, self.seed, self.epoch, self.processes = drop_last, seed, 0, processes
-        self._len_cache = {}
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def steps(self):
-        """This epoch's steps, each the P batches of one step (one per process) cut from one batch of
-        P·batch_size rows, duplicate-free with no_duplicates. A step of fewer rows than P is one batch."""
-        order = list(range(len(self.rows)))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        size = self.batch_size * self.processes
-        if self.no_duplicates:
-            chunks = self._unique_text_batches(order, size)
-        else:
-            chunks = (order[i:i + size] for i in range(0, len(order), size))
-        for step in chunks:
-            if len(step) < size and self.drop_last:
-                return
-            yield self._split(step, self.processes)
-
-    def __iter__(self):
-        return (batch for step in self.steps() for batch in step)
-
-    @staticmethod
-    def _split(step: list[int], parts: int) -> list[list[int]]:
-        """P contiguous parts, as equal as can be (batch_size each for a full step). A step of fewer rows than
-        processes (only at the end of an epoch whose texts repeat a lot) stays whole."""
-        if len(step) < parts:
-            return [step]
-        cuts = [len(step) * p // parts for p in range(parts + 1)]
-        return [step[a:b] for a, b in zip(cuts, cuts[1:])]
-
-    def _unique_text_batches(self, order: list[int], size: int, max_open: int = 64):
-        """Batches of up to `size` rows, no text twice in one: each row, in order, joins the oldest open batch
-        that holds none of its texts, else opens one; a batch closes when full, and batches come out in the
-        order they opened. That is filling one batch at a time from the rows left, in order, in one pass. At
-        most `max_open` batches stay open (only texts that repeat very often get there): one more closes the
-        oldest as it is, so the cost stays linear in the rows."""
-        batches = deque()  # [rows, texts, closed], oldest first
-        open_batches = []  # those not closed, oldest first
-        for i in order:
-            batch = next((b for b in open_batches if b[1].isdisjoint(self.rows[i])), None)
-            if batch is None:
-                if len(open_batches) == max_open:
-                    open_batches.pop(0)[2] = True
-                batch = [[], set(), False]
-                batches.append(batch)
-                open_batches.append(batch)
-            batch[0].append(i)
-            batch[1].update(self.rows[i])
-            if len(batch[0]) == size:
-                batch[2] = True
-                open_batches.remove(batch)
-            while batches and batches[0][2]:
-                yield batches.popleft()[0]
-        yield from (batch[0] for batch in batches)
-
-    def shrunk_batches(self) -> tuple[int, int, int]:
-        """(batches of this epoch, how many hold fewer than batch_size rows, the smallest of those), the last step's
-        batches aside (they hold what is left)."""
-        sizes = [len(batch) for batch in self]
-        small = [n for n in sizes[:-self.processes] if n < self.batch_size]
-        return len(sizes), len(small), min(small, default=self.batch_size)
-
-    def __len__(self) -> int:
-        if self.epoch not in self._len_cache:  # exact, since duplicates can make extra batches
-            self._len_cache[self.epoch] = sum(1 for _ in self)
-        return self._len_cache[self.epoch]
+from mrl.data.sampler import BatchSampler, text_keys
+from mrl.data.tables import IDS, KEY, LABEL, TEACHER, map_workers
 
 
 class Collator:
@@ -116,13 +33,22 @@ class Collator:
     def texts(self, column: str, texts: list[str]) -> list[str]:
         return [self.prompts.get(column, "") + t for t in texts]
 
-    def pretokenize(self, table: datasets.Dataset) -> datasets.Dataset:
-        """The table plus the token ids of every text column (`<column>.ids`), by datasets.map (cached on disk
-        for a file-backed table, so later runs read them)."""
+    def pretokenize(self, table: datasets.Dataset, num_proc: int | None = 1, keys: bool = False) -> datasets.Dataset:
+        """The table plus the token ids of every text column (`<column>.ids`, int32) and, with keys, a 64-bit hash
+        of each text (`<column>.key`, for no-duplicates batches: mrl.data.sampler), by datasets.map in
+        map_workers(num_proc) processes (the same ids as one process: each tokenises a contiguous part), cached on
+        disk for a file-backed table, so later runs read them. Only the new columns are written; the table's own
+        stay where they are, beside them (concatenated by column, both memory-mapped)."""
         def encode(rows: dict) -> dict:
-            return {c + IDS: self.tokenizer(self.texts(c, rows[c]), truncation=True, max_length=self.max_length)[
-                "input_ids"] for c in self.columns}
-        return table.map(encode, batched=True, desc="tokenise")
+            ids = {c + IDS: self.tokenizer(self.texts(c, rows[c]), truncation=True, max_length=self.max_length,
+                                           return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+                   for c in self.columns}
+            return {**ids, **({c + KEY: text_keys([[t] for t in rows[c]])[:, 0] for c in self.columns} if keys else {})}
+        features = datasets.Features({c + IDS: datasets.List(datasets.Value("int32")) for c in self.columns})  # int32:
+        features.update({c + KEY: datasets.Value("uint64") for c in self.columns} if keys else {})  # half the disk
+        new = table.map(encode, batched=True, features=features, remove_columns=table.column_names,
+                        num_proc=map_workers(num_proc, len(table)), desc="tokenise")
+        return datasets.concatenate_datasets([table, new], axis=1)
 
     def __call__(self, rows: list[dict]) -> dict[str, Tensor]:
         if self.columns[0] + IDS in rows[0]:
@@ -186,7 +112,7 @@ def chunk_features(features: dict[str, Tensor], rows: slice | Tensor,
 def degenerate_data(table: datasets.Dataset, loss_name: str, sampler: BatchSampler) -> list[str]:
     """Warnings for a training table that trains little: nothing to rank, batches shrunk by no-duplicates."""
     warnings = []
-    if loss_name == "cosent" and len(set(table[LABEL])) == 1:
+    if loss_name == "cosent" and pc.count_distinct(table.with_format("arrow")[:][LABEL]).as_py() == 1:
         warnings.append(f"data.train: every pair has the same score ({table[0][LABEL]:g}): CoSENT has nothing to "
                         "rank, its loss is 0 and nothing trains")
     if sampler.no_duplicates:

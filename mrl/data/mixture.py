@@ -16,69 +16,84 @@ takes one from each dataset in turn while it has some. With P processes, every s
 one dataset (cross-device negatives then compare like with like).
 """
 
+import itertools
 import math
 import random
 
 import torch
 
-from mrl.data.batches import BatchSampler
+from mrl.data.sampler import BatchSampler
 
 
 class MixtureBatchSampler:
     """Batches of global row indices (dataset d's row r is offsets[d] + r), each from one dataset; steps of P
-    batches from one dataset. samplers: one mrl.data.BatchSampler per dataset (with processes=P)."""
+    batches from one dataset. samplers: one mrl.data.BatchSampler per dataset (with processes=P). Each pass over
+    a dataset is its sampler's plan (made once); the length and the checks count steps from the plans, and
+    an epoch's steps are read from them as it runs, not held as lists."""
 
     def __init__(self, samplers: list[BatchSampler], weights: list[float], mode: str = "proportional",
                  seed: int = 0, processes: int = 1):
         self.samplers, self.weights, self.mode, self.seed, self.processes = samplers, weights, mode, seed, processes
         self.offsets = [0]
         for sampler in samplers[:-1]:
-            self.offsets.append(self.offsets[-1] + len(sampler.rows))
-        self.epoch, self._len_cache = 0, {}
+            self.offsets.append(self.offsets[-1] + sampler.n_rows)
+        self.epoch, self._counts = 0, {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def one_pass(self, d: int, n_pass: int = 0) -> list[list[list[int]]]:
-        """Dataset d's steps of one pass over it (pass n of this epoch, its own shuffle), P batches each. A last
-        step of fewer rows than processes cannot give each a row: it is left out (at most P - 1 rows a pass,
-        other rows in the next pass's shuffle; `left_out` counts them)."""
+    def _pass(self, d: int, n_pass: int) -> BatchSampler:
+        """Dataset d's sampler at pass n of this epoch (each pass its own shuffle; the first: the epoch's)."""
         sampler = self.samplers[d]
-        sampler.set_epoch(self.epoch + 1_000_000 * n_pass)  # every pass its own shuffle; the first: the epoch's
-        return [step for step in sampler.steps() if len(step) == self.processes]
+        sampler.set_epoch(self.epoch + 1_000_000 * n_pass)
+        return sampler
+
+    def pass_steps(self, d: int, n_pass: int = 0) -> int:
+        """How many steps pass n over dataset d gives. A last step of fewer rows than processes cannot give each
+        a row: it is left out (at most P - 1 rows a pass, other rows in the next pass's shuffle; `left_out`
+        counts them)."""
+        key = (self.epoch, d, n_pass)
+        if key not in self._counts:
+            self._counts[key] = self._pass(d, n_pass).full_steps()[0]
+        return self._counts[key]
 
     def left_out(self, d: int) -> int:
         """Rows of dataset d in no step of this epoch's first pass."""
-        return len(self.samplers[d].rows) - sum(len(b) for step in self.one_pass(d) for b in step)
+        return self.samplers[d].n_rows - self._pass(d, 0).full_steps()[1]
 
-    def steps(self, d: int) -> list[list[list[int]]]:
-        """Dataset d's steps of this epoch: weight × one pass over its batches (a fraction: the first part of a
-        pass; weight 2: two passes, each reshuffled)."""
-        first = self.one_pass(d)
+    def step_counts(self, d: int) -> list[int]:
+        """Dataset d's steps of this epoch, pass by pass: weight × one pass over its batches (a fraction: the
+        first part of a pass; weight 2: two passes, each reshuffled)."""
+        first = self.pass_steps(d)
         if not first:
-            raise ValueError(f"data.train: dataset {d} has fewer rows ({len(self.samplers[d].rows)}) than "
+            raise ValueError(f"data.train: dataset {d} has fewer rows ({self.samplers[d].n_rows}) than "
                              f"processes ({self.processes}): no step can be made of it")
-        wanted, steps, n_pass = math.ceil(self.weights[d] * len(first)), first, 1
-        while len(steps) < wanted:
-            steps, n_pass = steps + self.one_pass(d, n_pass), n_pass + 1
-        return steps[:wanted]
+        wanted, counts = math.ceil(self.weights[d] * first), [first]
+        while sum(counts) < wanted:
+            counts.append(self.pass_steps(d, len(counts)))
+        counts[-1] -= sum(counts) - wanted
+        return counts
+
+    def steps(self, d: int):
+        """Dataset d's steps of this epoch, P batches each, read pass after pass from its sampler's plans."""
+        for n_pass, count in enumerate(self.step_counts(d)):
+            yield from itertools.islice(self._pass(d, n_pass).steps(full_only=True), count)
 
     def __iter__(self):
-        steps = [self.steps(d) for d in range(len(self.samplers))]
-        per_dataset, counts = [iter(s) for s in steps], [len(s) for s in steps]
+        counts = [sum(self.step_counts(d)) for d in range(len(self.samplers))]
+        per_dataset = [self.steps(d) for d in range(len(self.samplers))]
         if self.mode == "proportional":
             order = [d for d, n in enumerate(counts) for _ in range(n)]
-            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+            if len(counts) > 1:  # (one dataset: the order is all 0s, whatever the shuffle)
+                random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
         else:  # round robin: one step from each dataset in turn, while it has steps
             order = [d for turn in range(max(counts)) for d in range(len(counts)) if turn < counts[d]]
         for d in order:
             for batch in next(per_dataset[d]):
-                yield [self.offsets[d] + r for r in batch]
+                yield [self.offsets[d] + r for r in batch] if self.offsets[d] else batch
 
     def __len__(self) -> int:
-        if self.epoch not in self._len_cache:
-            self._len_cache[self.epoch] = sum(1 for _ in self)
-        return self._len_cache[self.epoch]
+        return self.processes * sum(sum(self.step_counts(d)) for d in range(len(self.samplers)))
 
 
 class MixtureTable(torch.utils.data.Dataset):

@@ -9,34 +9,67 @@ Column convention (as in the ecosystem): first text column the anchor, second it
 columns hard negatives; or two sentences and a score for CoSENT.
 """
 
+import array
 import gzip
 import math
 import os
 
 import datasets
+import numpy as np
 
 from mrl.sources import check_local_files, local_files, resolve_dataset, unreachable
 
 OUR_KEYS = ("columns", "label", "score_max", "loss", "prompts", "weight")  # the last three: mixtures
 LABEL = "label"  # the label column is renamed to this; every other column of a loaded table is text
 IDS = ".ids"  # `<column>.ids`: the token ids of a text column, added by Collator.pretokenize
+KEY = ".key"  # `<column>.key`: a 64-bit hash of each text (no-duplicates batches), added by Collator.pretokenize
+ROWS_PER_WORKER = 20_000  # the fewest rows worth a process of their own in datasets.map (map_workers)
 TEACHER = ".teacher"  # `<column>.teacher`: a teacher's embedding of each text of the column (loss.teacher)
 
 
-def load_table(spec: dict, field: str, needs_label: bool = False, mirror: dict | None = None) -> datasets.Dataset:
+def load_table(spec: dict, field: str, needs_label: bool = False, mirror: dict | None = None,
+               num_proc: int | None = 1) -> datasets.Dataset:
     """Load a spec into a Dataset whose columns are the text columns, in order, then `label` if it is needed.
 
     A hub id with a local copy in `mirror` (see mrl.sources) is read from that copy. `field` is the config
-    name of the spec, used in every error.
+    name of the spec, used in every error. num_proc: processes that check the texts (None: the machine's
+    cores; see map_workers).
     """
+    table, spec = open_dataset(spec, field, mirror)
+    if len(table) == 0:
+        raise ValueError(f"{field}: the dataset {spec.get('path')!r} split {spec['split']!r} has no rows")
+    columns, label = pick_columns(spec, field, table.features, needs_label)
+    where = f"{field} ({source_files(spec)})"
+    check_texts(table, columns, where, num_proc)
+
+    teacher = [c + TEACHER for c in columns if c + TEACHER in table.column_names]  # stored teacher embeddings
+    table = table.select_columns(columns + teacher + ([label] if needs_label else []))
+    if needs_label:
+        scale, scores = float(spec.get("score_max") or 1.0), array.array("d")
+        for chunk in table.with_format("arrow")[:][label].chunks:  # 8 bytes a row, not a Python float
+            offset = len(scores)
+            scores.extend([score(v, scale, f"{where}: column {label!r} row {offset + i}")
+                           for i, v in enumerate(chunk.to_pylist())])
+        scores = np.frombuffer(scores, dtype=np.float64)
+        outside = next(iter(np.flatnonzero(~((scores >= 0) & (scores <= 1))).tolist()), None)
+        if outside is not None:
+            raise score_outside(where, label, outside, table[outside][label], scores[outside], scale, field)
+        table = table.remove_columns([label]).add_column(LABEL, scores)
+    return table
+
+
+def open_dataset(spec: dict, field: str, mirror: dict | None, streaming: bool = False) -> tuple:
+    """(datasets.load_dataset of a spec: a Dataset, an IterableDataset with streaming; the spec with a hub id
+    resolved through the mirror), its errors naming the field."""
     if "split" not in spec:
         raise ValueError(f"{field}.split: which split to use (e.g. train, validation, test)")
     check_local_files(spec, field)
     spec = resolve_dataset(spec, mirror or {})
-    check_utf8(spec, field)
+    if not streaming:  # (a stream is read once, as it trains: a file that is not UTF-8 fails where it is read)
+        check_utf8(spec, field)
     load_kwargs = {k: v for k, v in spec.items() if k not in OUR_KEYS}
     try:
-        table = datasets.load_dataset(**load_kwargs)
+        return datasets.load_dataset(**load_kwargs, **({"streaming": True} if streaming else {})), spec
     except Exception as error:
         if "/" in spec["path"] and not os.path.exists(spec["path"]):  # a hub id that could not be fetched
             raise unreachable("dataset", spec["path"], mirror or {}, error) from error
@@ -45,43 +78,61 @@ def load_table(spec: dict, field: str, needs_label: bool = False, mirror: dict |
                              f"(data_files: {spec.get('data_files')!r})") from error
         raise ValueError(f"{field}: datasets.load_dataset({_show(load_kwargs)}) failed: "
                          f"{type(error).__name__}: {error}") from error
-    if len(table) == 0:
-        raise ValueError(f"{field}: the dataset {spec.get('path')!r} split {spec['split']!r} has no rows")
 
-    label = spec.get("label") or next((c for c in ("score", "label") if c in table.column_names), None)
-    if label is not None and label not in table.column_names:
-        raise ValueError(f"{field}.label: no column {label!r}; the table has {table.column_names}")
+
+def pick_columns(spec: dict, field: str, features: dict, needs_label: bool) -> tuple[list[str], str | None]:
+    """(the text columns, the label column or None) of a table with these features ({name: datasets feature})."""
+    names = list(features)
+    label = spec.get("label") or next((c for c in ("score", "label") if c in names), None)
+    if label is not None and label not in names:
+        raise ValueError(f"{field}.label: no column {label!r}; the table has {names}")
     if needs_label and label is None:
         raise ValueError(f"{field}.label: this loss needs a score column, and the table has none of "
-                         f"score/label among {table.column_names}")
-    columns = spec.get("columns") or [c for c, t in table.features.items()
+                         f"score/label among {names}")
+    columns = spec.get("columns") or [c for c, t in features.items()
                                       if c != label and getattr(t, "dtype", None) in ("string", "large_string")]
-    missing = [c for c in columns if c not in table.column_names]
+    missing = [c for c in columns if c not in names]
     if missing:
-        raise ValueError(f"{field}.columns: no column {missing} in the table; it has {table.column_names}")
+        raise ValueError(f"{field}.columns: no column {missing} in the table; it has {names}")
     if len(columns) < 2:
-        raise ValueError(f"{field}.columns: need at least two text columns, found {columns} in {table.column_names}")
-    where = f"{field} ({_files(spec)})"
+        raise ValueError(f"{field}.columns: need at least two text columns, found {columns} in {names}")
+    return columns, label
+
+
+def score_outside(where: str, label: str, row: int, value, scaled: float, scale: float, field: str) -> ValueError:
+    """The error for a score outside [0, 1] after dividing by score_max, naming the row and the fix."""
+    return ValueError(f"{where}: column {label!r} row {row}: the score {value!r} is {scaled:g} after dividing by "
+                      f"score_max={scale:g}, outside [0, 1]; set {field}.score_max to the scale's maximum (e.g. 5 for "
+                      "STS-B scored 0..5)")
+
+
+def check_texts(table: datasets.Dataset, columns: list[str], where: str, num_proc: int | None = 1) -> None:
+    """Fail naming the column and row of the first empty or non-text cell found: by datasets.map, in
+    map_workers(num_proc) processes (which read the table, so this process does not page it in), writing nothing."""
     for c in columns:
-        empty = next((i for i, t in enumerate(table[c]) if not isinstance(t, str) or not t.strip()), None)
-        if empty is not None:
-            raise ValueError(f"{where}: column {c!r} row {empty} is empty or not text: {table[empty][c]!r}")
+        if getattr(table.features[c], "dtype", None) not in ("string", "large_string"):
+            raise ValueError(f"{where}: column {c!r} row 0 is empty or not text: {table[0][c]!r}")
 
-    teacher = [c + TEACHER for c in columns if c + TEACHER in table.column_names]  # stored teacher embeddings
-    table = table.select_columns(columns + teacher + ([label] if needs_label else []))
-    if needs_label:
-        scale = float(spec.get("score_max") or 1.0)
-        scores = [_score(v, scale, f"{where}: column {label!r} row {i}") for i, v in enumerate(table[label])]
-        outside = next((i for i, y in enumerate(scores) if not 0 <= y <= 1), None)
-        if outside is not None:
-            raise ValueError(f"{where}: column {label!r} row {outside}: the score {table[outside][label]!r} is "
-                             f"{scores[outside]:g} after dividing by score_max={scale:g}, outside [0, 1]; set "
-                             f"{field}.score_max to the scale's maximum (e.g. 5 for STS-B scored 0..5)")
-        table = table.remove_columns([label]).add_column(LABEL, scores)
-    return table
+    def first_empty(*texts_and_indices) -> None:  # each column's texts of a batch, then the rows' indices
+        *texts, indices = texts_and_indices
+        for c, column in zip(columns, texts):
+            for t, i in zip(column, indices):
+                if t is None or not t or t.isspace():  # `not t.strip()`: whitespace as Python's str.strip sees it
+                    raise ValueError(f"{where}: column {c!r} row {i} is empty or not text: {t!r}")
+    table.map(first_empty, batched=True, batch_size=10_000, with_indices=True, input_columns=columns,
+              num_proc=map_workers(num_proc, len(table)), desc="check texts")
 
 
-def _score(value, scale: float, where: str) -> float:
+def map_workers(num_proc: int | None, n_rows: int) -> int | None:
+    """The processes datasets.map runs in: num_proc (None: the cores this process may use), but no more than one
+    per ROWS_PER_WORKER rows (starting a process costs more than it saves below that); None for one, which runs
+    in this process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(num_proc or cores, n_rows // ROWS_PER_WORKER)
+    return workers if workers > 1 else None
+
+
+def score(value, scale: float, where: str) -> float:
     """A label as a float divided by `scale`, or an error naming where it is and what it holds."""
     try:
         score = float(value)
@@ -92,7 +143,7 @@ def _score(value, scale: float, where: str) -> float:
     return score / scale
 
 
-def _files(spec: dict) -> str:
+def source_files(spec: dict) -> str:
     """Where a spec's rows come from, for error messages: its data files, else its path."""
     files = spec.get("data_files")
     if isinstance(files, dict):
@@ -120,4 +171,4 @@ def _show(kwargs: dict) -> str:
 
 
 def text_columns(table: datasets.Dataset) -> list[str]:
-    return [c for c in table.column_names if c != LABEL and not c.endswith((IDS, TEACHER))]
+    return [c for c in table.column_names if c != LABEL and not c.endswith((IDS, KEY, TEACHER))]

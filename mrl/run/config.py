@@ -111,7 +111,16 @@ class DataConfig:
     # a prompt per text column: a name of the model's prompts (model.prompts) or the text itself,
     # e.g. {anchor: query, positive: document, negative: document}
     prompts: dict | None = option(None, names_to_texts)
-    num_workers: int = 0  # DataLoader workers (tokenisation happens in the collate function)
+    num_workers: int = 0  # DataLoader workers (they pad the token ids into batches, in the collate function)
+    # processes that check and tokenise each training table up front (datasets.map, cached: a later run reads
+    # the cache), on the first process of each node while the others wait; None: the machine's cores; 1: in this
+    # process. At least 20k rows a process (mrl.data.tables.map_workers); the tokens are the same for any number
+    num_proc: int | None = option(None, at_least(1))
+    # read data.train as it trains (datasets' streaming; mrl/data/stream.py): no disk cache, no tokens up front.
+    # The same batches as the map-style path when the table fits in shuffle_buffer rows; one dataset, needs
+    # train.max_steps
+    streaming: bool = False
+    shuffle_buffer: int = option(100_000, at_least(1))  # streaming: rows shuffled together (two windows in memory)
 
 
 @dataclass
@@ -458,6 +467,16 @@ def validate(cfg: Config) -> None:
             if value not in (None, False):  # (in a mixture, these act on its contrastive datasets)
                 raise ValueError(f"loss.{name}: acts on the contrastive loss, and no training dataset uses it "
                                  f"(loss.name is {loss.name!r})")
+
+    if cfg.data.streaming:
+        for problem, why in ((train.max_steps is None, "needs train.max_steps (a stream's length is not known before "
+                              "it is read)"),
+                             (len(train_specs) > 1, "reads one dataset, and data.train is a mixture (its proportions "
+                              "count each dataset's batches)"),
+                             (loss.teacher.model is not None, "not with loss.teacher (the teacher's embeddings are "
+                              "computed or read with the table, up front)")):
+            if problem:
+                raise ValueError(f"data.streaming: {why}")
 
     if speed.compile is not None:
         if speed.pad_to_multiple_of is None:

@@ -1,0 +1,60 @@
+"""Tokenising and checking a training table in several processes (data.num_proc, datasets.map): the same token
+ids and text hashes as one process, read from the datasets cache on the next run, and an empty text found in a
+worker still named by its row in the whole table."""
+
+import json
+
+import datasets
+import pytest
+
+import mrl.data.tables
+from mrl.data import Collator, load_table, text_keys
+
+
+@pytest.fixture
+def pairs(tmp_path, monkeypatch):
+    """A json file of 2,000 pairs (some texts repeated), a datasets cache of its own, and 500 rows a worker."""
+    monkeypatch.setattr(mrl.data.tables, "ROWS_PER_WORKER", 500)  # so that 2,000 rows make 2 and more workers
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps({"anchor": f"a dog number {i % 700}", "positive": f"it barks {i} times"})
+                              for i in range(2000)), encoding="utf-8")
+    return {"path": "json", "data_files": {"train": str(path)}, "split": "train"}
+
+
+def test_the_workers_give_the_tokens_and_hashes_of_one_process(pairs, tiny_encoder, tmp_path):
+    collate = Collator(["anchor", "positive"], tiny_encoder.tokenizer, 12, prompts={"anchor": "query: "})
+    table = load_table({**pairs, "cache_dir": str(tmp_path / "one")}, "data.train", num_proc=1)
+    one = collate.pretokenize(table, num_proc=1, keys=True)
+    several_cache = {**pairs, "cache_dir": str(tmp_path / "several")}  # (else it would read one's cache file)
+    several = collate.pretokenize(load_table(several_cache, "data.train", num_proc=3), num_proc=3, keys=True)
+    written = [[f["filename"] for f in t.cache_files if "/cache-" in f["filename"]] for t in (one, several)]
+    assert len(written[0]) == 1 and len(written[1]) == 3  # one file a worker: the ids and hashes alone
+    assert len(one.cache_files) == 2  # beside the table's own file
+    assert one.features == several.features and one.column_names[:2] == ["anchor", "positive"]
+    for column in one.column_names:
+        assert one[column][:] == several[column][:], column
+    expected = [tiny_encoder.tokenizer("query: " + t, truncation=True, max_length=12)["input_ids"]
+                for t in table["anchor"][:]]
+    assert one["anchor.ids"][:] == expected
+    assert one["positive.key"][:] == text_keys([[t] for t in table["positive"][:]])[:, 0].tolist()
+    again = collate.pretokenize(load_table(several_cache, "data.train", num_proc=3), num_proc=3, keys=True)
+    assert again.cache_files == several.cache_files  # the next run reads the workers' files, tokenising nothing
+
+
+def test_an_empty_text_found_by_a_worker_is_named_by_its_row(pairs, tmp_path):
+    rows = [{"anchor": f"a{i}", "positive": "  " if i == 1700 else f"p{i}"} for i in range(2000)]
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n".join(map(json.dumps, rows)), encoding="utf-8")
+    spec = {**pairs, "data_files": {"train": str(path)}}
+    with pytest.raises(ValueError, match=r"column 'positive' row 1700 is empty or not text: '  '"):
+        load_table(spec, "data.train", num_proc=4)
+
+
+def test_workers_follow_the_rows_and_the_cores(monkeypatch):
+    monkeypatch.setattr(mrl.data.tables, "ROWS_PER_WORKER", 20_000)
+    workers = mrl.data.tables.map_workers
+    assert workers(1, 10**6) is None and workers(8, 30_000) is None  # None: in this process
+    assert workers(8, 10**6) == 8 and workers(8, 60_000) == 3
+    monkeypatch.setattr(mrl.data.tables.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert workers(None, 10**6) == 2  # None: the cores this process may use
