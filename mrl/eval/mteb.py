@@ -4,8 +4,8 @@ imported only inside functions).
     python -m mrl.mteb --model runs/default/model --tasks STSBenchmark SciFact --dims 384 128 32 \
         --precision float32 int8 binary --out runs/mteb --card runs/default/model
     python -m mrl.mteb --model runs/default/model --benchmark "MTEB(eng, v2)" --dims 384 64 --out runs/mteb-eng
-    python -m mrl.mteb --model ../shared/models/all-MiniLM-L6-v2 --local-sts ../shared/data/stsb/test.csv \
-        --local-nli ../shared/data/nli/triplets.jsonl.gz --out runs/mteb-local        # offline: local tasks
+    python -m mrl.mteb --model sentence-transformers/all-MiniLM-L6-v2 --local-sts data/sts/test.csv \
+        --local-nli data/nli/triplets.jsonl.gz --out runs/mteb-local   # offline: your own STS table, NLI triplets
 
 --model is a folder or a hub id (through the mirror file, as in train.py), of mrl or any model mrl.Encoder reads.
 Each (dim, precision) is its own MTEB model: its name carries both, and its revision is a hash of the folder's
