@@ -19,7 +19,8 @@ import datasets
 import pyarrow as pa
 
 from mrl.data.sampler import BatchSampler
-from mrl.data.tables import LABEL, open_dataset, pick_columns, score, score_outside, source_files
+from mrl.data.tables import (LABEL, empty_or_not_text, open_dataset, pick_columns, score, score_outside,
+                             source_files)
 
 
 class Stream:
@@ -49,7 +50,7 @@ class Stream:
     def __iter__(self):
         for i, row in enumerate(self.dataset):
             for c in self.columns:
-                if not isinstance(row[c], str) or not row[c] or row[c].isspace():
+                if empty_or_not_text(row[c]):
                     raise ValueError(f"{self.where}: column {c!r} row {i} is empty or not text: {row[c]!r}")
             checked = {c: row[c] for c in self.columns}
             if self.label is not None:

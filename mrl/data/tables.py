@@ -117,10 +117,15 @@ def check_texts(table: datasets.Dataset, columns: list[str], where: str, num_pro
         *texts, indices = texts_and_indices
         for c, column in zip(columns, texts):
             for t, i in zip(column, indices):
-                if t is None or not t or t.isspace():  # `not t.strip()`: whitespace as Python's str.strip sees it
+                if empty_or_not_text(t):
                     raise ValueError(f"{where}: column {c!r} row {i} is empty or not text: {t!r}")
     table.map(first_empty, batched=True, batch_size=10_000, with_indices=True, input_columns=columns,
               num_proc=map_workers(num_proc, len(table)), desc="check texts")
+
+
+def empty_or_not_text(t) -> bool:
+    """A cell no text column may hold: None, not a string, empty, or only whitespace (as str.strip sees it)."""
+    return not isinstance(t, str) or not t or t.isspace()
 
 
 def map_workers(num_proc: int | None, n_rows: int) -> int | None:
