@@ -7,7 +7,7 @@ import torch
 from mrl.retrieval.exact import prefix, top_k
 from mrl.retrieval.funnel import FunnelIndex
 from mrl.retrieval.ivf import IVFIndex, nearest_centroid, spherical_kmeans
-from mrl.retrieval.quantize import int8_scales, quantize_int8, quantize_int8_queries
+from mrl.retrieval.quantize import corpus_scales, quantize_codes, quantize_int8_queries
 
 
 def random_unit(n, d, seed):
@@ -114,8 +114,8 @@ def test_probing_every_list_is_exact_search():
 def test_int8_lists_score_the_codes_exactly():
     corpus, queries = random_unit(2000, 32, 6), random_unit(7, 32, 7)
     ivf = IVFIndex(corpus, 16, dtype=torch.int8)
-    scales = int8_scales(corpus)
-    codes, query_codes = quantize_int8(corpus, scales), quantize_int8_queries(queries, scales)
+    scales = corpus_scales(corpus)
+    codes, query_codes = quantize_codes(corpus, scales), quantize_int8_queries(queries, scales)
     scores, index = ivf.search(queries, 20, n_probe=ivf.n_lists)
     assert scores.dtype == torch.int32
     code_scores = query_codes.long() @ codes.long().T  # int64: no overflow, exact

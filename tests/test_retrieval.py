@@ -11,7 +11,7 @@ from mrl.retrieval.data import RetrievalSet, load_beir, nli_retrieval_set
 from mrl.retrieval.exact import _chunk_top_k, prefix, top_k
 from mrl.retrieval.funnel import FunnelIndex
 from mrl.retrieval.metrics import evaluate_retrieval, mrr_at_k, ndcg_at_k, recall_at_k, retrieval_metrics
-from mrl.retrieval.quantize import (int8_scales, quantize_binary, quantize_int8, quantize_int8_queries,
+from mrl.retrieval.quantize import (corpus_scales, quantize_binary, quantize_codes, quantize_int8_queries,
                                     quantized_search, storage_bytes, unpack_signs)
 
 
@@ -75,8 +75,8 @@ def test_funnel_with_a_shortlist_scores_its_survivors_exactly():
 
 def test_int8_scores_are_within_the_rounding_bound():
     q, c = prefix(random_unit(5, 64, 6), 64), prefix(random_unit(200, 64, 7), 64)
-    scales = int8_scales(c)
-    codes = quantize_int8(c, scales)
+    scales = corpus_scales(c)
+    codes = quantize_codes(c, scales)
     assert codes.dtype == torch.int8 and codes.abs().max() <= 127
     error = ((codes.float() * scales) @ q.T - c @ q.T).abs()
     bound = (q.abs() * scales / 2).sum(1)  # each dim is off by at most half a step
@@ -149,8 +149,8 @@ def test_int8_top_k_is_exact_on_the_codes():
     """int8 queries against int8 codes: the int32 dot products of the codes, their top k exactly (chunked,
     grouped selection, and a last chunk shorter than the others)."""
     c = prefix(random_unit(20_000, 32, 18), 32)
-    scales = int8_scales(c)
-    codes, query_codes = quantize_int8(c, scales), quantize_int8_queries(prefix(random_unit(7, 32, 19), 32), scales)
+    scales = corpus_scales(c)
+    codes, query_codes = quantize_codes(c, scales), quantize_int8_queries(prefix(random_unit(7, 32, 19), 32), scales)
     scores, index = top_k(query_codes, codes, 25, chunk_size=8192)
     full = query_codes.long() @ codes.long().T
     assert scores.dtype == torch.int32
@@ -163,8 +163,8 @@ def test_int8_query_codes_score_within_the_rounding_bound():
     X = x/s + f (|δ|, |f| <= 1/2): a/127 · Q·X differs from q·x by at most
     Σ_c |q_c s_c|/2 + (a/254)·|x_c/s_c| + a/508."""
     q, c = prefix(random_unit(5, 64, 20), 64), prefix(random_unit(300, 64, 21), 64)
-    scales = int8_scales(c)
-    codes, query_codes = quantize_int8(c, scales), quantize_int8_queries(q, scales)
+    scales = corpus_scales(c)
+    codes, query_codes = quantize_codes(c, scales), quantize_int8_queries(q, scales)
     assert query_codes.dtype == torch.int8 and query_codes.abs().max() == 127
     a = (q * scales).abs().amax(1, keepdim=True)  # (Q, 1): each query's range
     approx = a / 127 * (query_codes.float() @ codes.float().T)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from mrl.retrieval.exact import prefix, rerank, top_k
 from mrl.retrieval.ivf import IVFIndex
-from mrl.retrieval.quantize import int8_scales, quantize_int8, quantize_int8_queries
+from mrl.retrieval.quantize import corpus_scales, quantize_codes, quantize_int8_queries
 
 
 class FunnelIndex:
@@ -25,7 +25,7 @@ class FunnelIndex:
     shortlist_dtype: the first stage's prefix matrix and scores in this dtype; later stages, which decide the
     final order, score in float32. torch.bfloat16: half the memory, and a matmul several times faster where
     the CPU or GPU has bf16 units. torch.int8: a quarter of the memory; the corpus prefix as int8 codes with
-    per-dim scales calibrated on it (quantize_int8), each query as int8 codes of q·scales
+    per-dim scales calibrated on it (quantize_codes), each query as int8 codes of q·scales
     (quantize_int8_queries), scored by int8 × int8 -> int32 matmuls (VNNI on x86 CPUs, int8 tensor cores on
     GPUs). A one-stage search returns those int32 code scores. Measured on CPU only; torch._int_mm on CUDA
     has shape rules of its own (more than 16 queries, dims divisible by 8), and int8 IVF lists are CPU only.
@@ -53,8 +53,8 @@ class FunnelIndex:
             if self.ivf_clusters:
                 self.shortlist[dim] = IVFIndex(corpus, self.ivf_clusters, dtype=self.shortlist_dtype)
             elif self.shortlist_dtype == torch.int8:
-                scales = int8_scales(corpus)
-                self.shortlist[dim] = quantize_int8(corpus, scales), scales
+                scales = corpus_scales(corpus)
+                self.shortlist[dim] = quantize_codes(corpus, scales), scales
             else:
                 self.shortlist[dim] = corpus.to(self.shortlist_dtype), None
         return self.shortlist[dim]

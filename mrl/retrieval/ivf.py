@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mrl.retrieval.exact import _chunk_top_k
-from mrl.retrieval.quantize import int8_scales, quantize_int8, quantize_int8_queries
+from mrl.retrieval.quantize import corpus_scales, quantize_codes, quantize_int8_queries
 
 
 def nearest_centroid(x: Tensor, centroids: Tensor, chunk_size: int = 65_536) -> Tensor:
@@ -53,7 +53,7 @@ class IVFIndex:
 
     dtype: the vectors as stored and scored. torch.int8 (CPU only: torch._int_mm on CUDA wants more than 16
     rows and widths divisible by 8, which lists do not have): codes with per-dim scales calibrated on the
-    corpus (quantize_int8), queries as int8 codes of q·scales (quantize_int8_queries), int8 × int8 -> int32
+    corpus (quantize_codes), queries as int8 codes of q·scales (quantize_int8_queries), int8 × int8 -> int32
     matmuls; search then returns the int32 code scores (a funnel re-scores its survivors in float32).
 
     Memory: a search's score table (see search) is kept on the index for the next one, as a fresh one costs
@@ -72,8 +72,8 @@ class IVFIndex:
         assignment = nearest_centroid(corpus, centroids)
         self.ids = assignment.argsort(stable=True)  # rows grouped by cluster, in cluster order
         if dtype == torch.int8:
-            self.scales = int8_scales(corpus)
-            self.vectors_t = quantize_int8(corpus[self.ids], self.scales).T.contiguous()
+            self.scales = corpus_scales(corpus)
+            self.vectors_t = quantize_codes(corpus[self.ids], self.scales).T.contiguous()
         else:
             self.scales, self.vectors_t = None, corpus[self.ids].T.to(dtype).contiguous()
         # each cluster that holds rows, cut into lists of at most max_list_size rows

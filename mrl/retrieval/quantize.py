@@ -15,13 +15,13 @@ from mrl.retrieval.exact import prefix, rerank, top_k
 PRECISIONS = ("float32", "int8", "int4", "binary")
 
 
-def int8_scales(corpus: Tensor, precision: str = "int8") -> Tensor:
+def corpus_scales(corpus: Tensor, precision: str = "int8") -> Tensor:
     """Per-dim scale s_c = max_i |x_ic| / m, calibrated on the corpus (symmetric ranges); m = 127 for int8 (7
     with precision="int4")."""
     return code_scales(corpus.abs().amax(0), precision)
 
 
-def quantize_int8(x: Tensor, scales: Tensor, precision: str = "int8") -> Tensor:
+def quantize_codes(x: Tensor, scales: Tensor, precision: str = "int8") -> Tensor:
     """x ≈ codes · scales, codes int8 in [-127, 127]: d bytes per vector (the scales are shared); with
     precision="int4", codes in [-7, 7], two to a byte when stored (kept one to an int8 here)."""
     return integer_codes(x, scales, precision).to(torch.int8)
@@ -62,8 +62,8 @@ def stored(x: Tensor, d: int, precision: str) -> Tensor:
     if precision == "binary":
         return unpack_signs(quantize_binary(x), d)
     if precision in LARGEST_CODE:
-        scales = int8_scales(x, precision)
-        return quantize_int8(x, scales, precision).float() * scales
+        scales = corpus_scales(x, precision)
+        return quantize_codes(x, scales, precision).float() * scales
     if precision != "float32":
         raise ValueError(f"kind: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     return x
