@@ -68,3 +68,31 @@ def test_a_bad_setting_fails_in_one_line_before_the_model_loads(tmp_path):
                         f"output_dir={tmp_path}/run")
         assert proc.returncode != 0 and field in proc.stderr, proc.stderr[-2000:]
         assert len(proc.stderr.strip().splitlines()) == 1 and "nonexistent" not in proc.stderr
+
+
+def test_calibration_draws_distinct_texts_without_reading_the_whole_table(tmp_path, tiny_model_dir):
+    import datasets
+    from mrl.data.stream import Stream
+
+    initial = Encoder.from_pretrained(str(tiny_model_dir))
+    texts = [f"text {i % 7}" for i in range(300)]  # 7 distinct texts, each cell repeated
+    table = datasets.Dataset.from_dict({"anchor": texts, "positive": texts[::-1]})
+    config = load_config(None, [f"model.name={tiny_model_dir}", "loss.quantisation.int8=1",
+                                "loss.quantisation.calibration_rows=50"])
+    drawn = calibration_texts(config, {"train": table}, initial)  # fewer distinct texts than asked: all of them
+    assert sorted(t for _, t in drawn) == sorted(set(texts)) and all(p == "" for p, _ in drawn)
+
+    unique = datasets.Dataset.from_dict({"anchor": [f"a{i}" for i in range(5000)],
+                                         "positive": [f"p{i}" for i in range(5000)]})
+    first, again = (calibration_texts(config, {"train": unique}, initial) for _ in range(2))
+    other = calibration_texts(load_config(None, [f"model.name={tiny_model_dir}", "loss.quantisation.int8=1",
+                                                 "loss.quantisation.calibration_rows=50", "train.seed=1"]),
+                              {"train": unique}, initial)
+    assert first == again and first != other and len(set(first)) == 50
+    assert {t[0] for _, t in first} == {"a", "p"}  # drawn from both columns
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"anchor": f"q{i % 3}", "positive": f"d{i}"}) + "\n" for i in range(40)))
+    stream = Stream({"path": "json", "data_files": {"train": str(path)}, "split": "train"}, "data.train")
+    streamed = calibration_texts(config, {"train": stream}, initial)  # its first distinct texts, as read
+    assert [t for _, t in streamed] == ["q0", "d0", "q1", "d1", "q2", "d2"] + [f"d{i}" for i in range(3, 40)]

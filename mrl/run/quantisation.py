@@ -5,9 +5,11 @@ A resumed run does not calibrate again: its ranges come from the checkpoint (a b
 """
 
 import random
+from itertools import accumulate
 
 import torch
 
+from mrl.data.stream import Stream
 from mrl.data.tables import text_columns
 from mrl.loss.quantisation import LARGEST_CODE
 from mrl.run.config import named_specs, precision_weights
@@ -17,15 +19,36 @@ RECORD = "quantisation.json"  # in the saved model folder
 
 def calibration_texts(cfg, tables: dict, model) -> list[tuple[str, str]]:
     """loss.quantisation.calibration_rows distinct (prompt, text) pairs of the training tables (all of them if fewer),
-    drawn with train.seed, each text with the prompt its column trains with ("" for none)."""
-    specs, pairs = named_specs(cfg.data.train), {}
+    each text with the prompt its column trains with ("" for none). Text cells are drawn uniformly without
+    replacement with train.seed and repeats skipped, so only the drawn cells are read, not every text of a large
+    table; a streamed table (data.streaming) gives its first distinct texts, in the order it is read."""
+    n, specs, columns = cfg.loss.quantisation.calibration_rows, named_specs(cfg.data.train), []
     for name, table in tables.items():
         prompts, _ = model.column_prompts(specs[name].get("prompts", cfg.data.prompts))
-        for column in text_columns(table):
-            pairs.update(dict.fromkeys((prompts.get(column, ""), text) for text in table[column]))
-    pairs = list(pairs)
-    n = min(cfg.loss.quantisation.calibration_rows, len(pairs))
-    return [pairs[i] for i in sorted(random.Random(cfg.train.seed).sample(range(len(pairs)), n))]
+        columns += [(prompts.get(column, ""), table, column) for column in text_columns(table)]
+    pairs: dict[tuple[str, str], None] = {}
+    if any(isinstance(table, Stream) for _, table, _ in columns):
+        rows = iter(columns[0][1])  # (a stream is never part of a mixture)
+        while len(pairs) < n and (row := next(rows, None)) is not None:
+            pairs.update(dict.fromkeys((prompt, row[column]) for prompt, _, column in columns))
+        return list(pairs)[:n]
+    starts = list(accumulate((len(table) for _, table, _ in columns), initial=0))  # cell i: column k's row i - s_k
+    rng, drawn = random.Random(cfg.train.seed), set()
+    while len(pairs) < n and len(drawn) < starts[-1]:  # each round draws more than it needs, skipping drawn cells
+        cells = [i for i in rng.sample(range(starts[-1]), min(starts[-1], len(drawn) + 2 * (n - len(pairs))))
+                 if i not in drawn]
+        drawn.update(cells)
+        pairs.update(dict.fromkeys(read_cells(columns, starts, cells)))
+    return list(pairs)[:n]
+
+
+def read_cells(columns: list, starts: list[int], cells: list[int]) -> list[tuple[str, str]]:
+    """The (prompt, text) of each cell, in the order given; each column's rows read in one select."""
+    found = {}
+    for k, (prompt, table, column) in enumerate(columns):
+        rows = sorted(i - starts[k] for i in cells if starts[k] <= i < starts[k + 1])
+        found.update(zip((starts[k] + row for row in rows), ((prompt, text) for text in table.select(rows)[column])))
+    return [found[i] for i in cells]
 
 
 def calibrate(objectives: list, model, cfg, tables: dict) -> None:
