@@ -94,5 +94,7 @@ def test_calibration_draws_distinct_texts_without_reading_the_whole_table(tmp_pa
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps({"anchor": f"q{i % 3}", "positive": f"d{i}"}) + "\n" for i in range(40)))
     stream = Stream({"path": "json", "data_files": {"train": str(path)}, "split": "train"}, "data.train")
-    streamed = calibration_texts(config, {"train": stream}, initial)  # its first distinct texts, as read
+    streaming = load_config(None, [f"model.name={tiny_model_dir}", "loss.quantisation.int8=1",
+                                   "loss.quantisation.calibration_rows=50", "data.streaming=true", "train.max_steps=1"])
+    streamed = calibration_texts(streaming, {"train": stream}, initial)  # its first distinct texts, as read
     assert [t for _, t in streamed] == ["q0", "d0", "q1", "d1", "q2", "d2"] + [f"d{i}" for i in range(3, 40)]

@@ -20,7 +20,7 @@ from mrl.loss.dist import gather_columns
 from mrl.loss.base import false_negatives
 from mrl.loss.matryoshka import LossParts, MatryoshkaLoss
 from mrl.loss.nested import NESTED_SCORES, losses_for
-from mrl.loss.quantisation import PRECISIONS, QuantisedPrefixes
+from mrl.loss.quantisation import QuantisedPrefixes, precision_weights
 from mrl.loss.two_d import Matryoshka2dLoss
 from mrl.loss.variants import (DimSampler, LearnedWeightsMatryoshkaLoss, PrefixDistillation, TeacherDistillation,
                        dim_weights)
@@ -49,7 +49,7 @@ class Objective:
             self.matryoshka = MatryoshkaLoss(base_loss, dims, weights, nested_loss)
         self.loss, distill, two_d = self.matryoshka, loss_config.distill, loss_config.two_d
         self.quantised, quantisation = None, loss_config.quantisation
-        precisions = {p: getattr(quantisation, p) for p in PRECISIONS}  # each one's weight
+        precisions = precision_weights(quantisation)
         if any(precisions.values()) or quantisation.regulariser:
             ranges = None if quantisation.range is None else torch.full((width,), quantisation.range)
             self.loss = self.quantised = QuantisedPrefixes(self.loss, nested_loss, precisions, width, ranges,

@@ -158,6 +158,12 @@ class QuantisedPrefixes(nn.Module):
         return f"weights={self.weights}{regulariser}"
 
 
+def precision_weights(settings) -> dict[str, float]:
+    """The weight of each precision in settings with one attribute per precision (loss.quantisation), {int8: λ,
+    int4: λ, binary: λ}; those above 0 are trained."""
+    return {p: getattr(settings, p) for p in PRECISIONS}
+
+
 def check_quantisation(weights: dict[str, float], regulariser: str | None, regulariser_weight: float) -> None:
     """Raise ValueError, the message starting with the setting's name, unless every precision is known and its
     weight a finite number >= 0, and a regulariser is named with a weight > 0 (or neither)."""

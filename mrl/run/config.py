@@ -22,7 +22,7 @@ from mrl.cli import naming
 from mrl.loss.base import LOSSES, check_columns
 from mrl.loss.matryoshka import check_dims, check_weights
 from mrl.model.pooling import POOLING_MODES
-from mrl.loss.quantisation import PRECISIONS, REGULARISERS, check_quantisation
+from mrl.loss.quantisation import REGULARISERS, check_quantisation, precision_weights
 from mrl.loss.two_d import check_layers_per_step
 from mrl.loss.variants import DIM_WEIGHT_RULES, check_dim_sampling
 
@@ -488,11 +488,6 @@ def validate(cfg: Config) -> None:
         if train.cache_chunk_size is not None:
             raise ValueError("speed.compile: not with train.cache_chunk_size (GradCache replays dropout masks from "
                              "the RNG state, which compiled code draws from differently)")
-
-
-def precision_weights(quantisation: QuantisationConfig) -> dict[str, float]:
-    """loss.quantisation's precisions and their weights, {int8: λ, int4: λ, binary: λ}; those above 0 are trained."""
-    return {p: getattr(quantisation, p) for p in PRECISIONS}
 
 
 def check_against_model(cfg: Config, model, device) -> None:

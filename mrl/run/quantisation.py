@@ -9,10 +9,9 @@ from itertools import accumulate
 
 import torch
 
-from mrl.data.stream import Stream
 from mrl.data.tables import text_columns
-from mrl.loss.quantisation import LARGEST_CODE
-from mrl.run.config import named_specs, precision_weights
+from mrl.loss.quantisation import LARGEST_CODE, precision_weights
+from mrl.run.config import named_specs
 
 RECORD = "quantisation.json"  # in the saved model folder
 
@@ -27,8 +26,8 @@ def calibration_texts(cfg, tables: dict, model) -> list[tuple[str, str]]:
         prompts, _ = model.column_prompts(specs[name].get("prompts", cfg.data.prompts))
         columns += [(prompts.get(column, ""), table, column) for column in text_columns(table)]
     pairs: dict[tuple[str, str], None] = {}
-    if any(isinstance(table, Stream) for _, table, _ in columns):
-        rows = iter(columns[0][1])  # (a stream is never part of a mixture)
+    if cfg.data.streaming:  # one mrl.data.stream.Stream (never a mixture)
+        rows = iter(columns[0][1])
         while len(pairs) < n and (row := next(rows, None)) is not None:
             pairs.update(dict.fromkeys((prompt, row[column]) for prompt, _, column in columns))
         return list(pairs)[:n]
