@@ -50,12 +50,9 @@ def training_batches(cfg, tables: dict, model, processes: int, mirror: dict | No
     if cfg.loss.teacher.model not in (None, "data"):  # loaded as it was saved (its own pooling, prompts, ...)
         teacher = load_encoder(ModelConfig(name=cfg.loss.teacher.model), mirror or {}).to(device or "cpu")
     for name, table in tables.items():
-        spec, columns = specs[name], text_columns(table)
-        check_train_columns(cfg, name, columns)  # its columns suit its loss and its prompts
-        loss = dataset_loss(spec, cfg.loss.name)
-        no_duplicates = uses_no_duplicates(cfg, loss)
-        collators.append(Collator(columns, model.tokenizer, model.max_seq_length, cfg.speed.pad_to_multiple_of,
-                                  *model.column_prompts(spec.get("prompts", cfg.data.prompts))))
+        collator, loss, no_duplicates = dataset_collator(cfg, name, specs[name], table, model)
+        columns = collator.columns
+        collators.append(collator)
         if cfg.loss.teacher.model is None:  # teacher embeddings in the data, but no teacher asked for: not used
             table = table.remove_columns([c + TEACHER for c in columns if c + TEACHER in table.column_names])
         if teacher is not None:  # its embeddings, computed once here: `<column>.teacher` (mrl.data.Collator)
@@ -83,15 +80,22 @@ def training_batches(cfg, tables: dict, model, processes: int, mirror: dict | No
     return MixtureTable(tokenised), sampler, MixtureCollator(collators, list(tables)), warnings
 
 
+def dataset_collator(cfg, name: str, spec: dict, table, model) -> tuple[Collator, str, bool]:
+    """A training dataset's collator (its text columns, checked to suit its loss and its prompts), its loss, and
+    whether its batches hold no duplicate texts."""
+    columns = text_columns(table)
+    check_train_columns(cfg, name, columns)
+    loss = dataset_loss(spec, cfg.loss.name)
+    collator = Collator(columns, model.tokenizer, model.max_seq_length, cfg.speed.pad_to_multiple_of,
+                        *model.column_prompts(spec.get("prompts", cfg.data.prompts)))
+    return collator, loss, uses_no_duplicates(cfg, loss)
+
+
 def stream_batches(cfg, tables: dict, model, processes: int):
     """training_batches of one streamed table (data.streaming): rows read in windows of data.shuffle_buffer and
     batched as the map-style path batches them (mrl/data/stream.py), tokenised in the collator; no warnings."""
     (name, stream), = tables.items()
-    spec, columns = named_specs(cfg.data.train)[name], text_columns(stream)
-    check_train_columns(cfg, name, columns)
-    collator = Collator(columns, model.tokenizer, model.max_seq_length, cfg.speed.pad_to_multiple_of,
-                        *model.column_prompts(spec.get("prompts", cfg.data.prompts)))
-    no_duplicates = uses_no_duplicates(cfg, dataset_loss(spec, cfg.loss.name))
+    collator, _, no_duplicates = dataset_collator(cfg, name, named_specs(cfg.data.train)[name], stream, model)
     sampler = StreamBatchSampler(stream, cfg.train.batch_size, no_duplicates, cfg.train.drop_last, cfg.train.seed,
                                  processes, cfg.data.shuffle_buffer,
                                  length=cfg.train.max_steps * processes * cfg.train.grad_accum)
