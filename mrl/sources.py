@@ -58,7 +58,7 @@ def resolve_model(name: str, mirror: dict) -> str:
 def resolve_dataset(spec: dict, mirror: dict) -> dict:
     """The spec with a hub id replaced by its local copy where the mirror has one whose files exist."""
     local = mirror.get("datasets", {}).get(spec.get("path"))
-    if local is None or not all(os.path.exists(p) for p in _files(local.get("data_files"))):
+    if local is None or not all(os.path.exists(p) for p in data_file_paths(local.get("data_files"))):
         return spec
     kept = {k: v for k, v in spec.items() if k not in ("path", "name", "data_files", "data_dir")}
     return {**local, **kept}
@@ -68,7 +68,8 @@ def unreachable(kind: str, name: str, mirror: dict, error: Exception) -> Runtime
     """The error for a hub id that neither a local copy nor the hub could provide."""
     entry = mirror.get("models" if kind == "model" else "datasets", {}).get(name)
     if entry is not None:
-        missing = [entry] if kind == "model" else [p for p in _files(entry.get("data_files")) if not os.path.exists(p)]
+        missing = [entry] if kind == "model" else [p for p in data_file_paths(entry.get("data_files"))
+                                                   if not os.path.exists(p)]
         where = f"the mirror file {mirror['file']} maps it to {', '.join(missing)}, which does not exist"
     elif mirror:
         where = f"the mirror file {mirror['file']} has no entry for it"
@@ -90,21 +91,22 @@ def check_local_files(spec: dict, field: str) -> None:
 
 def local_files(data_files) -> list[str]:
     """The plain local paths among a spec's data_files (no URLs, no glob patterns)."""
-    return [p for p in _files(data_files) if "://" not in p and not any(c in p for c in "*?[")]
+    return [p for p in data_file_paths(data_files) if "://" not in p and not any(c in p for c in "*?[")]
 
 
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-def _files(data_files) -> list[str]:
+def data_file_paths(data_files) -> list[str]:
+    """Every entry of a spec's data_files (a path, a list, or {split: either}), as listed: paths, URLs, patterns."""
     if data_files is None:
         return []
     if isinstance(data_files, str):
         return [data_files]
     if isinstance(data_files, dict):
-        return [p for v in data_files.values() for p in _files(v)]
-    return [p for v in data_files for p in _files(v)]
+        return [p for v in data_files.values() for p in data_file_paths(v)]
+    return [p for v in data_files for p in data_file_paths(v)]
 
 
 def _map_files(data_files, fn):

@@ -58,3 +58,60 @@ def test_workers_follow_the_rows_and_the_cores(monkeypatch):
     assert workers(8, 10**6) == 8 and workers(8, 60_000) == 3
     monkeypatch.setattr(mrl.data.tables.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert workers(None, 10**6) == 2  # None: the cores this process may use
+
+
+@pytest.mark.parametrize("kind", ["minilm", "minilm-left-truncation", "decoder-with-eos"])
+def test_the_rust_tokenizer_gives_the_ids_of_the_tokenizer_call(kind, minilm_dir, tiny_decoder_dir):
+    """ids_of (encode_batch_fast on a copy of the Rust tokenizer) equals tokenizer(texts, truncation=True,
+    max_length=m): special tokens, truncation on either side, a post-processor that appends EOS, non-ASCII text."""
+    from mrl.data.batches import ids_of
+    from mrl.model.encoder import Encoder
+    model = Encoder.from_pretrained(str(tiny_decoder_dir if kind.startswith("decoder") else minilm_dir),
+                                    **({"pooling": "lasttoken", "append_eos": True} if kind.startswith("decoder") else {}))
+    tokenizer = model.tokenizer
+    if kind == "minilm-left-truncation":
+        tokenizer.truncation_side = "left"
+    texts = ["a dog", "Ünïcödé façade — naïve café 東京 🙂", "query: " + "a long sentence of many words " * 20,
+             "two  spaces\tand a tab", "x"]
+    for max_length in (8, 64, 512):
+        tokenizer(texts, padding=True)  # (leaves the Rust tokenizer padding and not truncating: ids_of must set both)
+        token_ids = ids_of(tokenizer, max_length)
+        expected = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        assert token_ids(texts) == expected, max_length
+        assert max(map(len, expected)) == min(max_length, max(map(len, tokenizer(texts)["input_ids"])))
+
+
+def test_a_tokenizer_without_a_rust_one_is_called_itself():
+    from mrl.data.batches import ids_of
+    calls = []
+
+    class Slow:
+        is_fast = False
+
+        def __call__(self, texts, **kwargs):
+            calls.append(kwargs)
+            return {"input_ids": [[len(t)] for t in texts]}
+    assert ids_of(Slow(), 7)(["ab", "c"]) == [[2], [1]]
+    assert calls[0]["truncation"] is True and calls[0]["max_length"] == 7
+
+
+def test_the_caches_are_written_in_large_record_batches(pairs, tiny_encoder, tmp_path, monkeypatch):
+    """A process that opens a memory-mapped cache reads every record batch's header (and the kernel maps 64 KB
+    around each): the loaded table comes in batches of BATCH_ROWS rows, the token ids in batches of MAP_BATCH."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import mrl.data.batches
+    monkeypatch.setattr(mrl.data.tables, "BATCH_ROWS", 800)
+    monkeypatch.setattr(mrl.data.batches, "MAP_BATCH", 300)
+    table = load_table(pairs, "data.train", num_proc=1)  # 2,000 rows: datasets' own batches would be 1,000 rows
+    assert [len(b) for b in table.data.to_batches()] == [800, 800, 400]
+    tokenised = Collator(["anchor", "positive"], tiny_encoder.tokenizer, 12).pretokenize(table, num_proc=1, keys=True)
+    assert [len(b) for b in tokenised.data.table.column("anchor.ids").chunks] == [300] * 6 + [200]
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"anchor": table["anchor"][:], "positive": table["positive"][:]}), path)
+    options = mrl.data.tables.cache_options({"path": "parquet", "data_files": {"train": str(path)}, "split": "train"})
+    assert options["fragment_scan_options"].pre_buffer is False  # pyarrow's pre-buffering holds what it read
+    assert "fragment_scan_options" not in mrl.data.tables.cache_options(pairs)  # a parquet option only
+    parquet = load_table({"path": "parquet", "data_files": {"train": str(path)}, "split": "train"}, "data.train")
+    assert parquet["anchor"][:] == table["anchor"][:] and len(parquet.data.to_batches()) == 3

