@@ -14,8 +14,10 @@ either way.) Reported per run:
                  train.first_batch_at)
     tokenise     rows per second of the tokenise map, from its progress bar (rows / elapsed); "cached" when warm
     peak memory  peak memory of the process tree (the sum of each process's PSS, so pages the tokenising
-                 workers share with the main process count once), sampled every 0.2 s, and the main process's
-                 own peak resident memory (its rusage, as /usr/bin/time reports it)
+                 workers share with the main process count once), sampled every 0.2 s; the peak of its anonymous
+                 part alone (what is not pages of memory-mapped files, such as the table and its token ids:
+                 those the kernel can drop and read again); and the main process's own peak resident memory
+                 (its rusage, as /usr/bin/time reports it)
     steps/s      the steady step rate: batches after the first per second (samples_per_second_after_first / the batch size)
 """
 
@@ -56,23 +58,32 @@ def write_table(path: Path, n_rows: int, seed: int = 0) -> None:
 
 
 class PeakMemory(threading.Thread):
-    """The largest sum of proportional resident memory (PSS: a page shared by n processes counts 1/n in each)
-    over a process and its descendants, sampled every `every` seconds."""
+    """The largest sum, over a process and its descendants, of proportional resident memory (PSS: a page shared by
+    n processes counts 1/n in each), and apart the largest sum of its anonymous part (heap, stacks: what the
+    kernel cannot drop; the rest is pages of memory-mapped files, the table among them), sampled every `every` s."""
 
     def __init__(self, pid: int, every: float = 0.2):
         super().__init__(daemon=True)
-        self.process, self.every, self.peak, self.done = psutil.Process(pid), every, 0, threading.Event()
+        self.process, self.every, self.done = psutil.Process(pid), every, threading.Event()
+        self.peak = self.peak_anon = 0
 
     def run(self):
         while not self.done.is_set():
-            total = 0
+            total = anon = 0
             try:
                 for p in [self.process, *self.process.children(recursive=True)]:
-                    total += p.memory_full_info().pss
-            except psutil.Error:
+                    rollup = smaps_rollup(p.pid)
+                    total, anon = total + rollup["Pss"], anon + rollup["Pss_Anon"]
+            except (psutil.Error, OSError):
                 pass
-            self.peak = max(self.peak, total)
+            self.peak, self.peak_anon = max(self.peak, total), max(self.peak_anon, anon)
             self.done.wait(self.every)
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """A process's /proc/<pid>/smaps_rollup (Linux 4.14+): {field: bytes}."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return {k.rstrip(":"): int(v) * 1024 for k, v, *unit in (line.split() for line in f) if unit == ["kB"]}
 
 
 def tokenise_rate(log: str) -> float | None:
@@ -105,19 +116,20 @@ def measure(table: Path, cache: Path, out: Path, steps: int, extra: list[str]) -
     results = json.loads((out / "results.json").read_text())
     train, batch = results["train"], results["config"]["train"]["batch_size"]
     return {"first_step_s": round(train["first_batch_at"] - start, 1), "tokenise_rows_per_s": tokenise_rate(log),
-            "peak_tree_gb": round(peak.peak / 1e9, 2), "peak_main_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
+            "peak_tree_gb": round(peak.peak / 1e9, 2),
+            "peak_anon_gb": round(peak.peak_anon / 1e9, 2), "peak_main_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
             "steps_per_s": round((train["samples_per_second_after_first"] or 0) / batch, 2),
             "load": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
 def markdown(results: list[dict]) -> str:
-    rows = ["| rows | cache | first step (s) | tokenise (rows/s) | peak memory, tree / main (GB) | steps/s | "
-            "load (1-min, before / after) |", "| ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+    rows = ["| rows | cache | first step (s) | tokenise (rows/s) | peak memory, tree / anonymous / main (GB) | "
+            "steps/s | load (1-min, before / after) |", "| ---: | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
         rate = "cached" if r["cache"] == "warm" and r["tokenise_rows_per_s"] is None else (
             f"{r['tokenise_rows_per_s']:,.0f}" if r["tokenise_rows_per_s"] else "–")
         rows.append(f"| {r['rows']:,} | {r['cache']} | {r['first_step_s']} | {rate} | {r['peak_tree_gb']} / "
-                    f"{r['peak_main_gb']} | {r['steps_per_s']} | {r['load'][0]} / {r['load'][1]} |")
+                    f"{r['peak_anon_gb']} / {r['peak_main_gb']} | {r['steps_per_s']} | {r['load'][0]} / {r['load'][1]} |")
     return "\n".join(rows)
 
 
