@@ -3,7 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 PACKAGES = ["torch", "transformers", "datasets", "accelerate", "scipy", "sentence-transformers", "peft", "tokenizers",
-            "huggingface-hub", "numpy"]
+            "huggingface-hub", "numpy", "pyarrow", "xxhash", "safetensors"]
 
 
 def installed(name):

@@ -14,9 +14,10 @@ either way.) Reported per run:
                  train.first_batch_at)
     tokenise     rows per second of the tokenise map, from its progress bar (rows / elapsed); "cached" when warm
     peak memory  peak memory of the process tree (the sum of each process's PSS, so pages the tokenising
-                 workers share with the main process count once), sampled every 0.2 s; the peak of its anonymous
-                 part alone (what is not pages of memory-mapped files, such as the table and its token ids:
-                 those the kernel can drop and read again); and the main process's own peak resident memory
+                 workers share with the main process count once); the peak of its anonymous part alone (what
+                 is not pages of memory-mapped files, such as the table and its token ids, which the kernel can
+                 drop and read again); both sampled every 0.5 s (a sample reads /proc/<pid>/smaps_rollup, about
+                 10 ms a process with a large table mapped); and the main process's own peak resident memory
                  (its rusage, as /usr/bin/time reports it)
     steps/s      the steady step rate: batches after the first per second (samples_per_second_after_first / the batch size)
 """
@@ -62,7 +63,7 @@ class PeakMemory(threading.Thread):
     n processes counts 1/n in each), and apart the largest sum of its anonymous part (heap, stacks: what the
     kernel cannot drop; the rest is pages of memory-mapped files, the table among them), sampled every `every` s."""
 
-    def __init__(self, pid: int, every: float = 0.2):
+    def __init__(self, pid: int, every: float = 0.5):
         super().__init__(daemon=True)
         self.process, self.every, self.done = psutil.Process(pid), every, threading.Event()
         self.peak = self.peak_anon = 0

@@ -75,3 +75,29 @@ def test_each_package_says_what_it_holds(package):
 
 def test_the_top_level_holds_few_modules():
     assert sorted(p.name for p in ROOT.glob("*.py")) == ["__init__.py", "cli.py", "mteb.py", "sources.py"]
+
+
+def test_every_library_the_package_imports_is_bounded_in_pyproject():
+    """A library imported at the top of an mrl module is a dependency of the package, with a lower and an upper
+    bound: not one that arrives through another's requirements (numpy and pyarrow through datasets, say), whose
+    next major a fresh install would take untested. Optional extras (peft, mteb, ...) are imported inside functions."""
+    import re
+    import sys
+    import tomllib
+
+    project = tomllib.loads((ROOT.parent / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    bounds = {re.split(r"[<>=!~ \[]", d)[0].lower(): d for d in project["dependencies"]}
+    imported = {}
+    for path in MODULES:
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:  # the module's top level
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top != "mrl" and top not in sys.stdlib_module_names:
+                    imported.setdefault(top, path.relative_to(ROOT.parent))
+    distribution = {"yaml": "pyyaml"}
+    for module, where in sorted(imported.items()):
+        requirement = bounds.get(distribution.get(module, module))
+        assert requirement is not None, f"{where} imports {module}, which pyproject.toml's dependencies do not list"
+        assert ">=" in requirement and "<" in requirement, f"{requirement}: a lower and an upper bound"
