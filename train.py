@@ -26,7 +26,7 @@ from mrl.eval.report import markdown_table, result_rows
 from mrl.eval.sts import evaluate_sts_stored
 from mrl.loss.matryoshka import LossParts
 from mrl.loss.objective import dataset_objectives
-from mrl.loss.quantisation import PRECISIONS
+from mrl.loss.quantisation import QUANTISED
 from mrl.model.load import load_encoder
 from mrl.model.sharding import full_model, is_sharded
 from mrl.run.batches import describe, eval_tables, training_batches, training_tables
@@ -134,7 +134,7 @@ if args.resume:
 
 
 eval_dims = cfg.eval.dims or cfg.loss.dims
-stored_as = PRECISIONS if objective.quantised else ()  # quantisation-aware: the final STS at each precision too
+stored_as = QUANTISED if objective.quantised else ()  # quantisation-aware: the final STS at each precision too
 
 
 def evaluate(split: str, step: int, n_layers: int | None = None, precisions=()) -> dict[str, dict[int, float]]:

@@ -153,6 +153,17 @@ def test_regularisers_equal_their_formulas(name, reference):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+def test_spread_out_of_one_row_is_zero_and_orthogonality_is_not():
+    """One row has no pair of different rows: spread-out is 0 at every dim; orthogonality still has its d x d form."""
+    from mrl.loss.quantisation import regularisers
+    one = [e[:1] for e in columns(4, 2)]
+    torch.testing.assert_close(regularisers("spread_out", one, [32, 4]), torch.zeros(2, dtype=torch.float64))
+    values = regularisers("orthogonality", one, [32, 4])
+    expected = torch.stack([sum(orthogonality_reference(e, d) for e in one) / 2 for d in (32, 4)])
+    torch.testing.assert_close(values, expected.detach(), rtol=1e-11, atol=1e-12)
+    assert (values > 0).all()
+
+
 @pytest.mark.parametrize("name", ["contrastive", "cosent"])
 def test_gradients_are_finite_at_zero_vectors(name):
     """A zero embedding: its int codes are 0 (a zero prefix, its norm floored), its binary code all −1."""

@@ -8,7 +8,7 @@ sentence-transformers. Its YAML header is the hub's model-card metadata, so the 
 
 import os
 
-from mrl.loss.quantisation import PRECISIONS  # int8, int4, binary
+from mrl.loss.quantisation import QUANTISED  # int8, int4, binary
 
 
 def markdown_table(results: dict[str, dict[int, float]], metric: str = "Spearman ×100") -> str:
@@ -92,7 +92,7 @@ def _objective(loss: dict, train: dict, results: dict, embedding_dim: int) -> st
     weight_of = {int(d): w for d, w in results["train"]["dim_weights"].items()}  # as trained (learned: at the end)
     sampling, distill, two_d = loss["dim_sampling"], loss["distill"], loss["two_d"]
     quantisation = loss.get("quantisation") or {}
-    stored = ", ".join(f"{p} (weight {quantisation[p]:g})" for p in PRECISIONS if quantisation.get(p))
+    stored = ", ".join(f"{p} (weight {quantisation[p]:g})" for p in QUANTISED if quantisation.get(p))
     text = (f"`{loss['name']}` loss (scale {loss['scale']:g}) inside a Matryoshka loss over the dims "
             f"{', '.join(map(str, dims))} (" + (f"{rule} " if rule else "")
             + ("weights at the end" if rule == "learned" else "weights")
@@ -120,7 +120,7 @@ def _retention_section(results: dict) -> list[str]:
     dev), when the run scored the stored precisions ("after training, <precision>"); else nothing."""
     for split in ("test", "dev"):
         rows = results.get(split, {})
-        stored = {p: rows[f"after training, {p}"] for p in PRECISIONS if rows.get(f"after training, {p}")}
+        stored = {p: rows[f"after training, {p}"] for p in QUANTISED if rows.get(f"after training, {p}")}
         if stored and rows.get("after training"):
             table = {"float32": rows["after training"], **stored}
             return ["## Quantisation", "",

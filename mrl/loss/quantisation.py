@@ -57,7 +57,7 @@ from mrl.loss.device import device_constant
 from mrl.loss.matryoshka import LossParts
 from mrl.loss.nested import nested_cosine_matrices
 
-PRECISIONS = ("int8", "int4", "binary")
+QUANTISED = ("int8", "int4", "binary")  # the precisions trained for; mrl.retrieval.quantize.PRECISIONS adds float32
 LARGEST_CODE = {"int8": 127, "int4": 7}  # symmetric integer codes −m..m: 255 and 15 levels
 REGULARISERS = ("spread_out", "orthogonality")
 
@@ -89,10 +89,10 @@ def straight_through(x: Tensor, ranges: Tensor | None, precision: str) -> Tensor
 def regularisers(name: str, columns: list[Tensor], dims: list[int]) -> Tensor:
     """R_d of `name` (module docstring) for every d in `dims`: (len(dims),), averaged over the columns."""
     n = columns[0].shape[0]
+    if n < 2 and name == "spread_out":  # no pair of different rows
+        return columns[0].new_zeros(len(dims))
     cos = torch.stack([nested_cosine_matrices(x, x, dims) for x in columns])  # (k, n_dims, n, n)
     inverse_dims = device_constant(tuple(1 / d for d in dims), cos.device, cos.dtype)  # 1/d
-    if n < 2 and name == "spread_out":  # no pair of different rows
-        return cos.new_zeros(len(dims))
     if name == "orthogonality":
         return (cos.pow(2).mean((-1, -2)) - inverse_dims).mean(0)
     pairs = n * (n - 1)
@@ -120,7 +120,7 @@ class QuantisedPrefixes(nn.Module):
         super().__init__()
         check_quantisation(weights, regulariser, regulariser_weight)
         self.matryoshka, self.nested_loss = matryoshka, nested_loss
-        self.weights = {p: float(weights[p]) for p in PRECISIONS if weights.get(p, 0) > 0}
+        self.weights = {p: float(weights[p]) for p in QUANTISED if weights.get(p, 0) > 0}
         self.regulariser, self.regulariser_weight = regulariser, regulariser_weight
         self.register_buffer("ranges", torch.full((width,), math.nan) if ranges is None else ranges.float().clone())
         self.ranges_checked = False
@@ -161,15 +161,15 @@ class QuantisedPrefixes(nn.Module):
 def precision_weights(settings) -> dict[str, float]:
     """The weight of each precision in settings with one attribute per precision (loss.quantisation), {int8: λ,
     int4: λ, binary: λ}; those above 0 are trained."""
-    return {p: getattr(settings, p) for p in PRECISIONS}
+    return {p: getattr(settings, p) for p in QUANTISED}
 
 
 def check_quantisation(weights: dict[str, float], regulariser: str | None, regulariser_weight: float) -> None:
     """Raise ValueError, the message starting with the setting's name, unless every precision is known and its
     weight a finite number >= 0, and a regulariser is named with a weight > 0 (or neither)."""
     for precision, weight in weights.items():
-        if precision not in PRECISIONS:
-            raise ValueError(f"{precision}: not a precision; expected one of {' | '.join(PRECISIONS)}")
+        if precision not in QUANTISED:
+            raise ValueError(f"{precision}: not a precision; expected one of {' | '.join(QUANTISED)}")
         if not (math.isfinite(weight) and weight >= 0):
             raise ValueError(f"{precision}: the weight must be a finite number >= 0, got {weight}")
     if regulariser is not None and regulariser not in REGULARISERS:
