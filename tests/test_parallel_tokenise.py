@@ -3,6 +3,7 @@ ids and text hashes as one process, read from the datasets cache on the next run
 worker still named by its row in the whole table."""
 
 import json
+import pickle
 
 import datasets
 import pytest
@@ -62,9 +63,9 @@ def test_workers_follow_the_rows_and_the_cores(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["minilm", "minilm-left-truncation", "decoder-with-eos"])
 def test_the_rust_tokenizer_gives_the_ids_of_the_tokenizer_call(kind, minilm_dir, tiny_decoder_dir):
-    """ids_of (encode_batch_fast on a copy of the Rust tokenizer) equals tokenizer(texts, truncation=True,
+    """TokenIds (encode_batch_fast on a copy of the Rust tokenizer) equals tokenizer(texts, truncation=True,
     max_length=m): special tokens, truncation on either side, a post-processor that appends EOS, non-ASCII text."""
-    from mrl.data.batches import ids_of
+    from mrl.data.batches import TokenIds
     from mrl.model.encoder import Encoder
     model = Encoder.from_pretrained(str(tiny_decoder_dir if kind.startswith("decoder") else minilm_dir),
                                     **({"pooling": "lasttoken", "append_eos": True} if kind.startswith("decoder") else {}))
@@ -74,15 +75,16 @@ def test_the_rust_tokenizer_gives_the_ids_of_the_tokenizer_call(kind, minilm_dir
     texts = ["a dog", "Ünïcödé façade — naïve café 東京 🙂", "query: " + "a long sentence of many words " * 20,
              "two  spaces\tand a tab", "x"]
     for max_length in (8, 64, 512):
-        tokenizer(texts, padding=True)  # (leaves the Rust tokenizer padding and not truncating: ids_of must set both)
-        token_ids = ids_of(tokenizer, max_length)
         expected = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        tokenizer(texts, padding=True)  # (leaves the Rust tokenizer padding and not truncating: TokenIds must set both)
+        token_ids = TokenIds(tokenizer, max_length)
         assert token_ids(texts) == expected, max_length
         assert max(map(len, expected)) == min(max_length, max(map(len, tokenizer(texts)["input_ids"])))
+        assert pickle.loads(pickle.dumps(token_ids)).rust is None  # datasets' cache key: the tokenizer, not the copy
 
 
 def test_a_tokenizer_without_a_rust_one_is_called_itself():
-    from mrl.data.batches import ids_of
+    from mrl.data.batches import TokenIds
     calls = []
 
     class Slow:
@@ -91,7 +93,7 @@ def test_a_tokenizer_without_a_rust_one_is_called_itself():
         def __call__(self, texts, **kwargs):
             calls.append(kwargs)
             return {"input_ids": [[len(t)] for t in texts]}
-    assert ids_of(Slow(), 7)(["ab", "c"]) == [[2], [1]]
+    assert TokenIds(Slow(), 7)(["ab", "c"]) == [[2], [1]]
     assert calls[0]["truncation"] is True and calls[0]["max_length"] == 7
 
 
