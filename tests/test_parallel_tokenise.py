@@ -3,7 +3,6 @@ ids and text hashes as one process, read from the datasets cache on the next run
 worker still named by its row in the whole table."""
 
 import json
-import pickle
 
 import datasets
 import pytest
@@ -29,6 +28,10 @@ def test_the_workers_give_the_tokens_and_hashes_of_one_process(pairs, tiny_encod
     one = collate.pretokenize(table, num_proc=1, keys=True)
     several_cache = {**pairs, "cache_dir": str(tmp_path / "several")}  # (else it would read one's cache file)
     several = collate.pretokenize(load_table(several_cache, "data.train", num_proc=3), num_proc=3, keys=True)
+    # (as the next run would: before this test's own calls of the tokenizer below, since datasets 4.2 keys its cache
+    # by the tokenizer's pickle, which holds the truncation its last call left; later releases leave that out)
+    again = collate.pretokenize(load_table(several_cache, "data.train", num_proc=3), num_proc=3, keys=True)
+    assert again.cache_files == several.cache_files  # the next run reads the workers' files, tokenising nothing
     written = [[f["filename"] for f in t.cache_files if "/cache-" in f["filename"]] for t in (one, several)]
     assert len(written[0]) == 1 and len(written[1]) == 3  # one file a worker: the ids and hashes alone
     assert len(one.cache_files) == 2  # beside the table's own file
@@ -39,8 +42,6 @@ def test_the_workers_give_the_tokens_and_hashes_of_one_process(pairs, tiny_encod
                 for t in table["anchor"][:]]
     assert one["anchor.ids"][:] == expected
     assert one["positive.key"][:] == text_keys([[t] for t in table["positive"][:]])[:, 0].tolist()
-    again = collate.pretokenize(load_table(several_cache, "data.train", num_proc=3), num_proc=3, keys=True)
-    assert again.cache_files == several.cache_files  # the next run reads the workers' files, tokenising nothing
 
 
 def test_an_empty_text_found_by_a_worker_is_named_by_its_row(pairs, tmp_path):
@@ -63,9 +64,9 @@ def test_workers_follow_the_rows_and_the_cores(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["minilm", "minilm-left-truncation", "decoder-with-eos"])
 def test_the_rust_tokenizer_gives_the_ids_of_the_tokenizer_call(kind, minilm_dir, tiny_decoder_dir):
-    """TokenIds (encode_batch_fast on a copy of the Rust tokenizer) equals tokenizer(texts, truncation=True,
+    """ids_of (encode_batch_fast on a copy of the Rust tokenizer) equals tokenizer(texts, truncation=True,
     max_length=m): special tokens, truncation on either side, a post-processor that appends EOS, non-ASCII text."""
-    from mrl.data.batches import TokenIds
+    from mrl.data.batches import ids_of
     from mrl.model.encoder import Encoder
     model = Encoder.from_pretrained(str(tiny_decoder_dir if kind.startswith("decoder") else minilm_dir),
                                     **({"pooling": "lasttoken", "append_eos": True} if kind.startswith("decoder") else {}))
@@ -76,15 +77,14 @@ def test_the_rust_tokenizer_gives_the_ids_of_the_tokenizer_call(kind, minilm_dir
              "two  spaces\tand a tab", "x"]
     for max_length in (8, 64, 512):
         expected = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-        tokenizer(texts, padding=True)  # (leaves the Rust tokenizer padding and not truncating: TokenIds must set both)
-        token_ids = TokenIds(tokenizer, max_length)
+        tokenizer(texts, padding=True)  # (leaves the Rust tokenizer padding and not truncating: ids_of must set both)
+        token_ids = ids_of(tokenizer, max_length)
         assert token_ids(texts) == expected, max_length
         assert max(map(len, expected)) == min(max_length, max(map(len, tokenizer(texts)["input_ids"])))
-        assert pickle.loads(pickle.dumps(token_ids)).rust is None  # datasets' cache key: the tokenizer, not the copy
 
 
 def test_a_tokenizer_without_a_rust_one_is_called_itself():
-    from mrl.data.batches import TokenIds
+    from mrl.data.batches import ids_of
     calls = []
 
     class Slow:
@@ -93,7 +93,7 @@ def test_a_tokenizer_without_a_rust_one_is_called_itself():
         def __call__(self, texts, **kwargs):
             calls.append(kwargs)
             return {"input_ids": [[len(t)] for t in texts]}
-    assert TokenIds(Slow(), 7)(["ab", "c"]) == [[2], [1]]
+    assert ids_of(Slow(), 7)(["ab", "c"]) == [[2], [1]]
     assert calls[0]["truncation"] is True and calls[0]["max_length"] == 7
 
 

@@ -43,7 +43,7 @@ class Collator:
         map_workers(num_proc) processes (the same ids as one process: each tokenises a contiguous part), cached on
         disk for a file-backed table, so later runs read them. Only the new columns are written; the table's own
         stay where they are, beside them (concatenated by column, both memory-mapped)."""
-        token_ids = TokenIds(self.tokenizer, self.max_length)
+        token_ids = ids_of(self.tokenizer, self.max_length)
 
         def encode(rows: dict) -> dict:
             ids = {c + IDS: token_ids(self.texts(c, rows[c])) for c in self.columns}
@@ -84,31 +84,18 @@ class Collator:
         return batch
 
 
-class TokenIds:
+def ids_of(tokenizer, max_length: int):
     """texts -> the token ids that tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] gives
     (special tokens added, cut on the tokenizer's truncation side). A fast tokenizer's Rust tokenizer, copied and
     set to truncate the same way, gives them by encode_batch_fast, which computes no character offsets: 1.3x the
-    rows per second of the tokenizer's own call (all-MiniLM-L6-v2, one core). Other tokenizers: their own call.
-
-    The copy is made at the first call, in the process that tokenises, and left out of the pickle: datasets keys
-    its cache of a map by pickling the map's function, and a copied Rust tokenizer does not pickle the same twice
-    in every tokenizers release (0.22.1), while datasets pickles a transformers tokenizer reproducibly."""
-
-    def __init__(self, tokenizer, max_length: int):
-        self.tokenizer, self.max_length, self.rust = tokenizer, max_length, None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "rust": None}
-
-    def __call__(self, texts: list[str]) -> list[list[int]]:
-        if not getattr(self.tokenizer, "is_fast", False):
-            return self.tokenizer(texts, truncation=True, max_length=self.max_length, return_attention_mask=False,
-                                  return_token_type_ids=False)["input_ids"]
-        if self.rust is None:
-            self.rust = copy.deepcopy(self.tokenizer.backend_tokenizer)
-            self.rust.no_padding()
-            self.rust.enable_truncation(self.max_length, direction=self.tokenizer.truncation_side)
-        return [encoding.ids for encoding in self.rust.encode_batch_fast(texts)]
+    rows per second of the tokenizer's own call (all-MiniLM-L6-v2, one core). Other tokenizers: their own call."""
+    if not getattr(tokenizer, "is_fast", False):
+        return lambda texts: tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False,
+                                       return_token_type_ids=False)["input_ids"]
+    rust = copy.deepcopy(tokenizer.backend_tokenizer)
+    rust.no_padding()
+    rust.enable_truncation(max_length, direction=tokenizer.truncation_side)
+    return lambda texts: [encoding.ids for encoding in rust.encode_batch_fast(texts)]
 
 
 def padded_length(length: int, multiple: int, limit: int) -> int:
