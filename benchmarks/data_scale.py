@@ -130,7 +130,8 @@ def markdown(results: list[dict]) -> str:
         rate = "cached" if r["cache"] == "warm" and r["tokenise_rows_per_s"] is None else (
             f"{r['tokenise_rows_per_s']:,.0f}" if r["tokenise_rows_per_s"] else "–")
         rows.append(f"| {r['rows']:,} | {r['cache']} | {r['first_step_s']} | {rate} | {r['peak_tree_gb']} / "
-                    f"{r['peak_anon_gb']} / {r['peak_main_gb']} | {r['steps_per_s']} | {r['load'][0]} / {r['load'][1]} |")
+                    f"{r['peak_anon_gb']} / {r['peak_main_gb']} | {r['steps_per_s']} | "
+                    f"{r['load'][0]} / {r['load'][1]} |")
     return "\n".join(rows)
 
 

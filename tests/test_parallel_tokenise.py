@@ -68,8 +68,9 @@ def test_the_rust_tokenizer_gives_the_ids_of_the_tokenizer_call(kind, minilm_dir
     max_length=m): special tokens, truncation on either side, a post-processor that appends EOS, non-ASCII text."""
     from mrl.data.batches import ids_of
     from mrl.model.encoder import Encoder
-    model = Encoder.from_pretrained(str(tiny_decoder_dir if kind.startswith("decoder") else minilm_dir),
-                                    **({"pooling": "lasttoken", "append_eos": True} if kind.startswith("decoder") else {}))
+    decoder = kind.startswith("decoder")
+    model = Encoder.from_pretrained(str(tiny_decoder_dir if decoder else minilm_dir),
+                                    **({"pooling": "lasttoken", "append_eos": True} if decoder else {}))
     tokenizer = model.tokenizer
     if kind == "minilm-left-truncation":
         tokenizer.truncation_side = "left"
@@ -77,7 +78,7 @@ def test_the_rust_tokenizer_gives_the_ids_of_the_tokenizer_call(kind, minilm_dir
              "two  spaces\tand a tab", "x"]
     for max_length in (8, 64, 512):
         expected = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-        tokenizer(texts, padding=True)  # (leaves the Rust tokenizer padding and not truncating: ids_of must set both)
+        tokenizer(texts, padding=True)  # (leaves the Rust tokenizer padding, not truncating: ids_of must set both)
         token_ids = ids_of(tokenizer, max_length)
         assert token_ids(texts) == expected, max_length
         assert max(map(len, expected)) == min(max_length, max(map(len, tokenizer(texts)["input_ids"])))

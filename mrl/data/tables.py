@@ -68,10 +68,9 @@ def open_dataset(spec: dict, field: str, mirror: dict | None, streaming: bool = 
         raise ValueError(f"{field}.split: which split to use (e.g. train, validation, test)")
     check_local_files(spec, field)
     spec = resolve_dataset(spec, mirror or {})
-    if not streaming:  # (a stream is read once, as it trains: a file that is not UTF-8 fails where it is read)
-        check_utf8(spec, field)
     load_kwargs = {k: v for k, v in spec.items() if k not in OUR_KEYS}
-    if not streaming:
+    if not streaming:  # (a stream has no cache, and is read once, as it trains: a file that is not UTF-8 fails there)
+        check_utf8(spec, field)
         load_kwargs = {**cache_options(spec), **load_kwargs}  # the spec's own keys win
     try:
         dataset = datasets.load_dataset(**load_kwargs, **({"streaming": True} if streaming else {}))
