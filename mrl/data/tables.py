@@ -96,9 +96,15 @@ def cache_options(spec: dict) -> dict:
         put 0.65 GB of a 10M-row table's file into each such process's resident memory, 100k-row batches 7 MB.
     fragment_scan_options (parquet files only): pyarrow's pre-buffered parquet scan holds what it has read until
         the scan ends (apache/arrow#39808): 2.3 GB at the peak converting a 1.6 GB, 10M-row file; without
-        pre-buffering, 1.0 GB, and faster (the files are on local disk by then: load_dataset downloads first)."""
+        pre-buffering, 1.0 GB, and faster (the files are on local disk by then: load_dataset downloads first).
+        Parquet is known by the spec: path "parquet", data_files all *.parquet, or a local folder of only parquet
+        files (besides hidden files and a README); a hub id's builder is not known before loading, and converts
+        with pre-buffering."""
     files = data_file_paths(spec.get("data_files"))
-    parquet = spec["path"] == "parquet" or files and all(f.endswith(".parquet") for f in files)
+    if not files and os.path.isdir(spec["path"]):
+        files = [f for _, _, names in os.walk(spec["path"]) for f in names
+                 if not f.startswith(".") and f.lower() != "readme.md"]
+    parquet = spec["path"] == "parquet" or bool(files) and all(f.endswith(".parquet") for f in files)
     return {"writer_batch_size": BATCH_ROWS,
             **({"fragment_scan_options": pds.ParquetFragmentScanOptions(pre_buffer=False)} if parquet else {})}
 
