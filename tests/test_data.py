@@ -81,7 +81,7 @@ def test_sampler_is_deterministic_per_seed_and_epoch(no_duplicates):
 
 
 def test_plain_batches_are_shuffled_chunks():
-    rows = [(f"same", f"same") for _ in range(17)]  # duplicates are not avoided without no_duplicates
+    rows = [("same", "same") for _ in range(17)]  # duplicates are not avoided without no_duplicates
     sampler = BatchSampler(rows, 5, no_duplicates=False, seed=4)
     batches = all_batches(sampler, 2)
     assert [len(b) for b in batches] == [5, 5, 5, 2]

@@ -28,7 +28,7 @@ def test_default_dims():
 
 
 def test_cli_evaluates_models_and_writes_tables_and_plots(tmp_path, tiny_model_dir, beir_folder):
-    matplotlib = pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib")
     sts = f"{{path: csv, data_files: {{test: {STSB}/test.csv}}, split: 'test[:60]', score_max: 5}}"
     out = tmp_path / "out"
     main(["--model", str(tiny_model_dir), "--model", str(tiny_model_dir), "--name", "a", "--name", "b",

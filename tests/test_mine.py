@@ -2,7 +2,6 @@
 output trains as it is."""
 
 import json
-import sys
 
 import pytest
 import torch

@@ -26,7 +26,7 @@ from mrl.loss.matryoshka import LossParts, per_dim_losses
 from mrl.run.monitor import NonFiniteLoss, StepMonitor
 from mrl.loss.nested import contrastive_losses_nested, cosent_losses_nested
 from mrl.run.folder import finite_or_null, write_outputs
-from test_train import STSB, encode_saved, run_train
+from test_train import encode_saved, run_train
 
 from conftest import SHARED
 

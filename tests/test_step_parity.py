@@ -8,7 +8,6 @@ trainer's default is 0; both exempt biases and LayerNorm weights). Skipped where
 """
 
 import json
-import os
 
 import pytest
 import torch
